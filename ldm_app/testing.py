@@ -1,0 +1,89 @@
+"""Tiny random components built in code: for tests, benchmarks and smoke runs, no hub needed."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .pipeline import LdmPipeline, default_scheduler
+from .unet import LdmUNet
+
+TINY_WORDS = ["a", "cat", "dog", "red", "blue", "heart", "face", "smiling", "emoji", "photo", "of", "sks"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character map that byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_tokenizer(folder: str | Path, model_max_length: int = 16) -> CLIPTokenizer:
+    """A valid CLIP BPE tokenizer (vocab.json + merges.txt): every byte, a few whole words, the two specials."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab_tokens = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in TINY_WORDS:  # merge left to right: c-a → ca, ca-t</w> → cat</w>
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            vocab_tokens.append(merged)
+            pieces = [merged] + pieces[2:]
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_components(unet_kind: Literal["ldm", "diffusers"] = "ldm", seed: int = 0) -> dict:
+    """vae, text_encoder, tokenizer, unet, scheduler — random, tiny (f=4 VAE, 8×8 latents), deterministic."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tiny_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)  # detach from the temp files
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(seed)
+    if unet_kind == "ldm":
+        unet = LdmUNet.from_preset("tiny", sample_size=8)
+        for p in unet.parameters():  # zero-initialised output layers would make a random UNet ignore its input
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.05)
+    else:
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                    layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=8)
+    return dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                scheduler=default_scheduler())
+
+
+def tiny_pipeline(unet_kind: Literal["ldm", "diffusers"] = "ldm", seed: int = 0) -> LdmPipeline:
+    """An `LdmPipeline` over `tiny_components`, progress bar off."""
+    pipe = LdmPipeline(**tiny_components(unet_kind, seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

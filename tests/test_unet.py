@@ -1,0 +1,92 @@
+import pytest
+import torch
+from torch import nn
+
+from ldm_app import UNET_PRESETS, LdmUNet
+
+
+def tiny_unet(**overrides) -> LdmUNet:
+    torch.manual_seed(0)
+    return LdmUNet.from_preset("tiny", sample_size=8, **overrides)
+
+
+@pytest.mark.parametrize("timestep", [10, torch.tensor(10), torch.tensor([1, 500, 999])])
+def test_output_shape_matches_input_for_scalar_and_per_sample_timesteps(timestep):
+    unet = tiny_unet()
+    x = torch.randn(3, 4, 8, 8)
+    out = unet(x, timestep, encoder_hidden_states=torch.randn(3, 7, 32))
+    assert out.sample.shape == x.shape
+    assert unet(x, timestep, encoder_hidden_states=torch.randn(3, 7, 32), return_dict=False)[0].shape == x.shape
+
+
+def test_non_square_and_three_level_shapes():
+    unet = LdmUNet(block_out_channels=(16, 32, 32), attention_levels=(False, True, True), layers_per_block=1,
+                   attention_head_dim=8, cross_attention_dim=12, norm_num_groups=8)
+    x = torch.randn(2, 4, 8, 16)
+    assert unet(x, 3, torch.randn(2, 5, 12)).sample.shape == x.shape
+
+
+def test_gradients_reach_every_parameter():
+    unet = tiny_unet()
+    for p in unet.parameters():  # undo the zero-inits, which (correctly) block gradients at step 0
+        nn.init.normal_(p, std=0.05)
+    loss = unet(torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 7, 32)).sample.square().mean()
+    loss.backward()
+    silent = [n for n, p in unet.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not silent
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 7, 32)
+    grads = []
+    for checkpointing in (False, True):
+        unet = tiny_unet()
+        for p in unet.parameters():
+            nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet(x, t, ctx).sample.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_text_changes_the_prediction_through_pooled_and_cross_attention_paths():
+    unet = tiny_unet()
+    for p in unet.parameters():
+        nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 4, 8, 8)
+    a = unet(x, 5, torch.randn(1, 7, 32)).sample
+    b = unet(x, 5, torch.randn(1, 7, 32)).sample
+    assert not torch.allclose(a, b)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    unet = tiny_unet()
+    for p in unet.parameters():
+        nn.init.normal_(p, std=0.05)
+    unet.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = LdmUNet.from_pretrained(tmp_path)
+    public = lambda config: {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k[0] != "_"}
+    assert public(loaded.config) == public(unet.config)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.equal(unet(x, 9, ctx).sample, loaded(x, 9, ctx).sample)
+
+
+def test_attention_projections_are_named_for_peft():
+    names = {n.rsplit(".", 1)[-1] for n, m in tiny_unet().named_modules() if isinstance(m, nn.Linear)}
+    assert {"to_q", "to_k", "to_v"} <= names
+    assert any(n.endswith("to_out.0") for n, _ in tiny_unet().named_modules())
+
+
+@pytest.mark.parametrize("name", sorted(UNET_PRESETS))
+def test_presets_build_and_unknown_preset_names_the_choices(name):
+    assert isinstance(LdmUNet.from_preset(name), LdmUNet)
+    with pytest.raises(ValueError, match="tiny"):
+        LdmUNet.from_preset("huge")
+
+
+def test_mismatched_attention_levels_is_a_clear_error():
+    with pytest.raises(ValueError, match="one True/False per level"):
+        LdmUNet(block_out_channels=(8, 16), attention_levels=(True,))

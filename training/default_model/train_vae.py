@@ -1,0 +1,171 @@
+"""Train the default model's small f=4 `AutoencoderKL` (64x64x3 -> 16x16x4) on the emoji set.
+
+Small enough to train on 2 CPU cores in about half an hour: reconstruction (L1) plus a tiny
+KL term, no GAN. Resumable: checkpoints are written atomically to the run dir and re-running
+the same command continues from the last one. At the end `scaling_factor` is set to 1/std of
+the train latents so the UNet sees unit-variance latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import load_dataset
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+
+KL_WEIGHT = 1e-6
+
+
+def build_vae(width: int) -> AutoencoderKL:
+    """f=4 (three blocks, two downsamplings), no mid-block attention, 4 latent channels."""
+    channels = (width, 2 * width, 4 * width)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=width,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+
+
+def load_split(data_dir: Path, split: str) -> torch.Tensor:
+    """Whole split as a uint8 NCHW tensor; the set is tiny, so keep it in memory."""
+    ds = load_dataset("imagefolder", data_dir=str(data_dir), split=split)
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in ds["image"]])).permute(0, 3, 1, 2)
+
+
+def to_model(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> float:
+    """Round-trip PSNR (posterior mode, output clamped) in dB over [-1, 1] images (peak-to-peak 2)."""
+    vae.eval()
+    errors = []
+    for chunk in images.split(batch):
+        x = to_model(chunk)
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        errors.append(((y - x) ** 2).mean(dim=(1, 2, 3)))
+    vae.train()
+    mse = torch.cat(errors).mean().item()
+    return 10 * math.log10(4.0 / mse)
+
+
+@torch.no_grad()
+def latent_stats(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> tuple[float, float, list[float]]:
+    """Mean/std of posterior samples over the train set (as Stable Diffusion computed its factor)."""
+    vae.eval()
+    latents = torch.cat([vae.encode(to_model(c)).latent_dist.sample() for c in images.split(batch)])
+    return latents.mean().item(), latents.std().item(), latents.std(dim=(0, 2, 3)).tolist()
+
+
+def save_checkpoint(run: Path, vae: AutoencoderKL, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Atomic: write to temp files, then rename, so an interrupted save never corrupts a resume."""
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, run / "model.tmp")
+    torch.save({"optimizer": opt.state_dict(), **state}, run / "state.tmp")
+    os.replace(run / "model.tmp", run / "model.safetensors")
+    os.replace(run / "state.tmp", run / "state.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=Path("~/ldm-runs/data/emoji64"))
+    parser.add_argument("--run", type=Path, default=Path("~/ldm-runs/vae"))
+    parser.add_argument("--width", type=int, default=16, help="channels of the first block (x1, x2, x4)")
+    parser.add_argument("--minutes", type=float, default=35.0, help="training time budget (drives the LR schedule)")
+    parser.add_argument("--steps", type=int, default=0, help="if set, schedule/stop by steps instead of time")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=float, default=3.0, help="minutes between PSNR evals + checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    run = args.run.expanduser()
+    run.mkdir(parents=True, exist_ok=True)
+    log = open(run / "log.txt", "a")
+
+    def report(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+        log.flush()
+
+    # --- data ---
+    data = args.data.expanduser()
+    train, test = load_split(data, "train"), load_split(data, "test")
+
+    # --- model, optimizer, resume ---
+    vae = build_vae(args.width).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    state = {"step": 0, "elapsed": 0.0}
+    if (run / "state.pt").exists():
+        vae.load_state_dict(load_file(run / "model.safetensors"))
+        saved = torch.load(run / "state.pt", weights_only=True)
+        opt.load_state_dict(saved.pop("optimizer"))
+        state = saved
+        report(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    n_params = sum(p.numel() for p in vae.parameters())
+    report(f"vae params {n_params:,}; train {len(train)} test {len(test)}; args {vars(args)}")
+
+    def progress() -> float:
+        return state["step"] / args.steps if args.steps else state["elapsed"] / (60 * args.minutes)
+
+    # --- train (warmup, then cosine decay to 5 % of the peak LR over the budget) ---
+    vae.train()
+    last_eval, seen, t_rate = time.time(), 0, time.time()
+    while progress() < 1.0:
+        t0 = time.time()
+        p = progress()
+        lr = args.lr * min(1.0, (state["step"] + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(train), (args.batch,))
+        x = to_model(train[idx])
+        flip = torch.rand(args.batch) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.l1_loss(recon, x) + KL_WEIGHT * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+        state["elapsed"] += time.time() - t0
+        seen += args.batch
+        if time.time() - last_eval > 60 * args.eval_every or progress() >= 1.0:
+            rate = seen / (time.time() - t_rate)
+            report(f"step {state['step']} {state['elapsed'] / 60:.1f}min lr {lr:.2e} loss {loss.item():.4f} "
+                   f"kl {kl.item():.2f} {rate:.1f} img/s test PSNR {psnr(vae, test):.2f} dB")
+            save_checkpoint(run, vae, opt, state)
+            last_eval, seen, t_rate = time.time(), 0, time.time()
+
+    # --- final metrics, scaling factor, export ---
+    test_psnr, train_psnr = psnr(vae, test), psnr(vae, train[:512])
+    mean, std, per_channel = latent_stats(vae, train)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.to(memory_format=torch.contiguous_format).save_pretrained(run / "final", safe_serialization=True)
+    summary = {"test_psnr_db": test_psnr, "train_psnr_db_first512": train_psnr, "latent_mean": mean,
+               "latent_std": std, "latent_std_per_channel": per_channel, "scaling_factor": 1.0 / std,
+               "params": n_params, "steps": state["step"], "train_minutes": state["elapsed"] / 60}
+    (run / "final" / "metrics.json").write_text(json.dumps(summary, indent=2))
+    report(f"final {json.dumps(summary)}")
+
+
+if __name__ == "__main__":
+    main()
