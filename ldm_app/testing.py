@@ -87,3 +87,57 @@ def tiny_pipeline(unet_kind: Literal["ldm", "diffusers"] = "ldm", seed: int = 0)
     pipe = LdmPipeline(**tiny_components(unet_kind, seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TOY_COLORS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 170, 60), "yellow": (235, 200, 30)}
+TOY_SHAPES = ("square", "circle")
+
+
+def write_toy_dataset(folder: str | Path, n: int = 32, size: int = 32, layout: Literal["metadata", "sidecar"] =
+                      "metadata", corrupt: int = 0, seed: int = 0) -> Path:
+    """Coloured shapes on white with captions like "a red circle": learnable in a few CPU steps.
+
+    `layout="metadata"` writes an imagefolder with metadata.jsonl (text + tags); "sidecar" writes .txt files.
+    `corrupt` extra files are not decodable images, to exercise skipping.
+    """
+    import random
+
+    import PIL.Image
+    import PIL.ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        color, shape = rng.choice(list(TOY_COLORS)), rng.choice(TOY_SHAPES)
+        image = PIL.Image.new("RGB", (size, size), "white")
+        draw = PIL.ImageDraw.Draw(image)
+        box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=TOY_COLORS[color])
+        name = f"{i:04d}.png"
+        image.save(folder / name)
+        caption = f"{color} {shape}"
+        rows.append({"file_name": name, "text": caption, "tags": [color, shape]})
+        if layout == "sidecar":
+            (folder / f"{i:04d}.txt").write_text(caption)
+    for j in range(corrupt):
+        (folder / f"broken-{j}.png").write_bytes(b"not a png")
+        rows.append({"file_name": f"broken-{j}.png", "text": "broken", "tags": []})
+    if layout == "metadata":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def write_tiny_run_inputs(folder: str | Path) -> Path:
+    """A tiny random pipeline (model/) and toy data (data/) for `configs/tiny.yaml` and tests."""
+    folder = Path(folder)
+    tiny_pipeline().save_pretrained(folder / "model")
+    write_toy_dataset(folder / "data")
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tiny_run_inputs(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"))

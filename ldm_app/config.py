@@ -1,0 +1,191 @@
+"""Training configuration: dataclass defaults < a YAML file < `section.key=value` on the command line.
+
+Every field has a comment; an unknown key is an error that lists the valid ones, and the resolved config is
+written into the run folder so a run can be read back and resumed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # imagefolder with metadata.jsonl, a folder of images with .txt captions, or a hub dataset name
+    split: str = "train"  # dataset split to train on
+    caption_column: str = "text"  # column holding the caption (a string or a list of strings)
+    tags_column: str | None = None  # optional column of extra short captions (e.g. emoji tags), sampled too
+    caption_templates: list[str] = field(default_factory=lambda: ["{}"])  # applied to the caption, e.g. "a {}"
+    tag_templates: list[str] = field(default_factory=lambda: ["{}"])  # applied to each tag
+    resolution: int = 64  # images are resized (shorter side) and cropped to this square size
+    center_crop: bool = True  # center crop; False = random crop (not cacheable)
+    random_flip: bool = False  # horizontal flip; off by default because captions may say left/right
+    streaming: bool = False  # stream a dataset larger than the disk (no cache)
+    num_workers: int = 0  # data-loader worker processes when not training from the cache
+    max_samples: int | None = None  # use only the first N examples (smoke tests)
+
+
+@dataclass
+class ModelConfig:
+    vae: str = ""  # VAE folder or hub id (a pipeline folder works with vae_subfolder="vae")
+    vae_subfolder: str | None = None
+    text_encoder: str = ""  # CLIP text encoder folder or hub id
+    text_encoder_subfolder: str | None = None
+    tokenizer: str = ""  # CLIP tokenizer folder or hub id (default: the text encoder's location)
+    tokenizer_subfolder: str | None = None
+    unet_preset: str = "small"  # LdmUNet size when training from scratch (see ldm_app.unet.UNET_PRESETS)
+    unet_overrides: dict[str, Any] = field(default_factory=dict)  # LdmUNet arguments that override the preset
+    pretrained_unet: str | None = None  # start from a UNet or pipeline folder instead (LdmUNet or UNet2DConditionModel)
+    pretrained_unet_subfolder: str | None = None
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+
+
+@dataclass
+class ObjectiveConfig:
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # ε, x0 or v view of the loss
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    zero_terminal_snr: bool = False  # rescale betas so x_T is pure noise (Lin et al. 2023); use with v_prediction
+    snr_gamma: float | None = 5.0  # min-SNR-γ loss weighting (Hang et al. 2023); None = plain MSE
+    caption_dropout: float = 0.1  # probability of the empty prompt, so classifier-free guidance works
+    noise_offset: float = 0.0  # per-channel offset noise (helps very dark / bright images)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/ldm"  # run folder: config, checkpoints, cache, logs, samples, final pipeline
+    seed: int = 0
+    batch_size: int = 64  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 10_000  # optimizer steps
+    max_minutes: float | None = None  # stop (with a checkpoint) after this wall time; re-run to continue
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast; master weights stay fp32
+    use_ema: bool = True
+    ema_decay: float = 0.999  # EMAModel's maximum decay (warm-up lets early steps move faster)
+    cache: bool = True  # cache VAE posteriors and text-encoder states once, in the run folder
+    channels_last: bool = True  # faster convolutions on CPU and GPU
+    checkpoint_every: int = 500  # steps between accelerator.save_state checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 10  # steps between TensorBoard scalars
+    validation_every: int = 1000  # steps between validation grids (0 = off)
+    validation_prompts: list[str] = field(default_factory=lambda: ["a cat", "a red heart", "a smiling face", "a dog"])
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    validation_steps: int = 25
+    validation_guidance: float = 5.0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, with an error that names the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+        raise ValueError(f"{key}={value!r} does not fit the type {annotation}.")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r}; choose one of {', '.join(map(str, args))}.")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{key}={value!r} is not a boolean; use true or false.")
+    if annotation in (int, float, str):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not a {annotation.__name__}.") from None
+    if origin in (list, dict):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, origin):
+            raise ValueError(f"{key}={value!r} is not a {origin.__name__}.")
+        return value
+    return value
+
+
+def _apply(config: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    if section_name not in sections or not name:
+        raise ValueError(f"Unknown config key {key!r}; keys look like section.name with section one of "
+                         f"{', '.join(sections)}.")
+    section = sections[section_name]
+    types_ = _field_types(type(section))
+    if name not in types_:
+        raise ValueError(f"Unknown config key {key!r}; valid keys in '{section_name}': {', '.join(types_)}.")
+    setattr(section, name, _coerce(value, types_[name], key))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or `base`), then the YAML file's sections, then `section.key=value` overrides."""
+    config = base or Config()
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of sections (data, model, objective, train).")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"Section {section!r} in {path} must be a mapping of key: value.")
+            for name, value in values.items():
+                _apply(config, f"{section}.{name}", value)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Override {item!r} must look like section.key=value, e.g. train.batch_size=64.")
+        _apply(config, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    os.replace(tmp, path)

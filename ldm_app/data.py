@@ -1,0 +1,144 @@
+"""Image–caption data through HF `datasets`: imagefolders, caption sidecars, hub datasets, streaming.
+
+Images are decoded here rather than by `datasets`, so that a file that fails to decode is skipped and
+counted instead of stopping a run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+
+from .config import DataConfig
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _has_metadata(folder: Path) -> bool:
+    return any(folder.glob("metadata.jsonl")) or any(folder.glob("*/metadata.jsonl"))
+
+
+def sidecar_dataset(folder: Path, caption_column: str = "text") -> datasets.Dataset:
+    """Images in a folder (recursively) with captions in same-named .txt files; no caption → empty string."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    captions = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in paths]
+    return datasets.Dataset.from_dict({"image": [str(p) for p in paths], caption_column: captions}).cast_column(
+        "image", datasets.Image(decode=False))
+
+
+def load_image_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
+    """The training dataset, images left undecoded (dicts of bytes/path) so bad files can be skipped."""
+    if not cfg.path:
+        raise ValueError("data.path is empty; set it to an image folder or a hub dataset name.")
+    local = Path(cfg.path).expanduser()
+    if local.is_dir():
+        if _has_metadata(local):
+            ds = datasets.load_dataset("imagefolder", data_dir=str(local), split=cfg.split, streaming=cfg.streaming)
+        else:
+            ds = sidecar_dataset(local, cfg.caption_column)
+            if cfg.streaming:
+                ds = ds.to_iterable_dataset()
+    elif local.exists():
+        raise ValueError(f"data.path={cfg.path} is a file; point it to a folder of images or a hub dataset name.")
+    else:
+        ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=cfg.streaming)
+    columns = ds.column_names or []
+    if "image" not in columns or cfg.caption_column not in columns:
+        raise ValueError(f"Dataset {cfg.path} has columns {columns}; it needs 'image' and the caption column "
+                         f"'{cfg.caption_column}' (set data.caption_column).")
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    if cfg.max_samples is not None:
+        ds = ds.take(cfg.max_samples) if cfg.streaming else ds.select(range(min(cfg.max_samples, len(ds))))
+    return ds
+
+
+def caption_variants(example: dict[str, Any], cfg: DataConfig) -> list[str]:
+    """Every caption an example may be trained with: templates over its caption(s), and over its tags."""
+    main = example[cfg.caption_column]
+    mains = [main] if isinstance(main, str) else list(main)
+    tags = list(example.get(cfg.tags_column) or []) if cfg.tags_column else []
+    variants = [t.format(m) for m in mains for t in cfg.caption_templates]
+    variants += [t.format(tag) for tag in tags for t in cfg.tag_templates]
+    return list(dict.fromkeys(v.strip() for v in variants if v.strip())) or [""]
+
+
+def decode_image(value: Any) -> PIL.Image.Image | None:
+    """An RGB image (EXIF orientation applied, transparency composited on white), or None if undecodable."""
+    try:
+        if isinstance(value, PIL.Image.Image):
+            image = value
+        elif value.get("bytes") is not None:
+            image = PIL.Image.open(io.BytesIO(value["bytes"]))
+        else:
+            image = PIL.Image.open(value["path"])
+        image.load()
+        return to_rgb(PIL.ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+        return None
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any mode (RGBA, LA, P, L, I;16, CMYK, ...) → RGB; transparent pixels become white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = PIL.Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: PIL.Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, crop a square, optionally flip → (3, R, R) in [-1, 1]."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                         PIL.Image.Resampling.BICUBIC)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return x.flip(-1) if flip else x
+
+
+@dataclass
+class Example:
+    image: torch.Tensor  # (3, R, R) in [-1, 1]
+    captions: list[str]
+
+
+def iter_examples(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig,
+                  indices: Iterator[int] | None = None, skipped: list[int] | None = None) -> Iterator[Example]:
+    """Decoded, preprocessed (center-crop, no flip) examples; undecodable images are counted in `skipped`."""
+    source = (ds[i] for i in indices) if indices is not None else iter(ds)
+    for example in source:
+        image = decode_image(example["image"])
+        if image is None:
+            if skipped is not None:
+                skipped.append(1)
+            continue
+        yield Example(preprocess(image, cfg.resolution), caption_variants(example, cfg))
+
+
+def dataset_fingerprint(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig) -> str:
+    """What the cache depends on from the data side: the dataset's content fingerprint and preprocessing."""
+    fp = getattr(ds, "_fingerprint", None) or ""
+    local = Path(cfg.path).expanduser()
+    files = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local.rglob("*") if p.is_file()) \
+        if local.is_dir() else []
+    return json.dumps([fp, files, cfg.path, cfg.split, cfg.caption_column, cfg.tags_column, cfg.caption_templates,
+                       cfg.tag_templates, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.max_samples])

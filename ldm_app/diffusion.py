@@ -1,0 +1,72 @@
+"""The training objective: forward process q(x_t | x_0) and the ε / x0 / v views of the denoising loss.
+
+q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), i.e. x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε  (DDPM, Ho et al. 2020, eq. 4).
+The UNet predicts one of three equivalent targets:
+  ε  (epsilon)       the noise; the score is ∇ log q(x_t) = −ε / √(1 − ᾱ_t)
+  x0 (sample)        the clean latent
+  v  (v_prediction)  √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022)
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from .config import ObjectiveConfig
+
+
+def noise_scheduler(cfg: ObjectiveConfig) -> DDPMScheduler:
+    """The training noise schedule (β_t); the same betas are written into the exported sampler."""
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
+                         rescale_betas_zero_snr=cfg.zero_terminal_snr, clip_sample=False)
+
+
+def sampling_scheduler(cfg: ObjectiveConfig) -> DDIMScheduler:
+    """DDIM over the training schedule; with zero terminal SNR it starts from the last timestep ("trailing")."""
+    return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
+                         rescale_betas_zero_snr=cfg.zero_terminal_snr, clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading")
+
+
+def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output at x_t under the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    raise ValueError(f"Unknown prediction_type {kind!r}; use epsilon, sample or v_prediction.")
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), expressed for each prediction type.
+
+    With SNR = ᾱ/(1−ᾱ), the ε-MSE equals SNR × the x0-MSE, so clamping the x0 weight at γ gives
+    ε: min(SNR, γ)/SNR, x0: min(SNR, γ), v: min(SNR, γ)/(SNR + 1).
+    """
+    snr = compute_snr(scheduler, timesteps)
+    clamped = torch.clamp(snr, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return torch.where(snr > 0, clamped / snr.clamp(min=1e-20), torch.ones_like(snr))
+    if kind == "v_prediction":
+        return clamped / (snr + 1)
+    return clamped
+
+
+def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, context: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+    """Mean (optionally min-SNR-weighted) squared error of the UNet's prediction at x_t ~ q(x_t | x_0)."""
+    x_t = scheduler.add_noise(x0, noise, timesteps)  # forward process q(x_t | x_0)
+    target = diffusion_target(scheduler, x0, noise, timesteps)
+    pred = unet(x_t, timesteps, encoder_hidden_states=context).sample
+    per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)
+    return per_sample.mean()

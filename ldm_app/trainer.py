@@ -1,0 +1,280 @@
+"""The one training loop: UNet training in latent space with accelerate (CPU, one GPU, many GPUs/nodes).
+
+Full training from scratch and LoRA fine-tuning share it; only which parameters are trainable differs.
+Re-running the same command resumes from the run folder's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from .batches import Batch, CachedBatches, EncodingBatches, StreamingBatches, seeded_generator
+from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_build_cache
+from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
+from .config import Config, ObjectiveConfig, save_config
+from .data import load_image_dataset
+from .diffusion import diffusion_loss, noise_scheduler, sampling_scheduler
+from .pipeline import LdmPipeline
+from .unet import LdmUNet
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss); the message says what happened and where."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def pipeline_subfolder(path: str, subfolder: str | None, component: str) -> str | None:
+    """The explicit subfolder, else the component's subfolder when `path` is a local pipeline folder."""
+    if subfolder is None and (Path(path).expanduser() / "model_index.json").is_file():
+        return component
+    return subfolder
+
+
+def build_unet(config: Config, cross_attention_dim: int, latent_channels: int, latent_size: int) -> UNet:
+    """A pretrained UNet (pipeline or UNet folder), or a fresh LdmUNet sized to the encoders."""
+    m = config.model
+    if m.pretrained_unet:
+        subfolder = pipeline_subfolder(m.pretrained_unet, m.pretrained_unet_subfolder, "unet")
+        return load_unet(m.pretrained_unet, subfolder).train()
+    overrides = dict(cross_attention_dim=cross_attention_dim, in_channels=latent_channels,
+                     out_channels=latent_channels, sample_size=latent_size) | m.unet_overrides
+    return LdmUNet.from_preset(m.unet_preset, **overrides)
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int) -> None:
+    """accelerator.save_state into a temp folder, renamed when complete; keep the last `keep`."""
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"tmp-{step}"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, folder / f"checkpoint-{step}")
+        for old in checkpoints(folder)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def ema_unet(unet: UNet, ema: EMAModel | None) -> UNet:
+    """A copy of the UNet carrying the EMA weights (the weights we sample and export with)."""
+    model = copy.deepcopy(unet)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    return model.eval().to(memory_format=torch.contiguous_format)
+
+
+def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
+    t = config.train
+    images = []
+    for seed in t.validation_seeds:
+        images += pipe(t.validation_prompts, num_inference_steps=t.validation_steps,
+                       guidance_scale=t.validation_guidance,
+                       generator=[torch.Generator().manual_seed(seed) for _ in t.validation_prompts]).images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(t.validation_seeds), cols=len(t.validation_prompts)).save(path)
+
+
+def export_pipeline(pipe: LdmPipeline, folder: Path, step: int) -> None:
+    """Write the pipeline folder atomically (temp folder, then rename) with the step it holds."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training_step.json").write_text(json.dumps({"step": step}))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> Path:
+    """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder.
+
+    `setup_unet` may freeze parameters or add adapters before the optimizer is built (LoRA fine-tuning);
+    only parameters that still require grad are optimised.
+    """
+    t, obj = config.train, config.objective
+    out = Path(t.output_dir).expanduser()
+
+    # Setup accelerate: devices, mixed precision, gradient accumulation, TensorBoard
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    torch.manual_seed(t.seed)  # same initial weights on every process
+    torch.set_flush_denormal(True)  # zero-initialised layers make denormal floats early on: 50× slower on CPUs
+
+    # Frozen encoders (half precision on GPUs under mixed precision: they only run forward)
+    m = config.model
+    enc_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision) \
+        if accelerator.device.type == "cuda" else None
+    vae = load_vae(m.vae, pipeline_subfolder(m.vae, m.vae_subfolder, "vae"), enc_dtype).to(accelerator.device)
+    text_encoder = load_text_encoder(m.text_encoder, pipeline_subfolder(
+        m.text_encoder, m.text_encoder_subfolder, "text_encoder"), enc_dtype).to(accelerator.device)
+    tok_path = m.tokenizer or m.text_encoder
+    tokenizer = load_tokenizer(tok_path, pipeline_subfolder(
+        tok_path, m.tokenizer_subfolder if m.tokenizer else None, "tokenizer"))
+    scaling = vae.config.scaling_factor
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # The UNet: trainable parameters in fp32 (accelerate autocasts the forward pass)
+    unet = build_unet(config, text_encoder.config.hidden_size, vae.config.latent_channels,
+                      config.data.resolution // vae_factor)
+    if setup_unet is not None:
+        setup_unet(unet)
+    if m.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if t.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    ema = EMAModel(params, decay=t.ema_decay, use_ema_warmup=True, power=3 / 4) if t.use_ema else None
+
+    # Data: the encoded cache, or decoding + encoding every step
+    ds = load_image_dataset(config.data)
+    if t.cache and config.data.streaming:
+        raise ValueError("train.cache=true needs a finite dataset; set train.cache=false to stream.")
+    if t.cache and not config.data.center_crop:
+        raise ValueError("Random crops cannot be cached; set data.center_crop=true or train.cache=false.")
+    if t.cache:
+        key = cache_key(ds, config.data, vae, tokenizer, text_encoder)
+        if accelerator.is_main_process:
+            load_or_build_cache(out / "cache", key,
+                                lambda: build_encoded_dataset(ds, config.data, vae, tokenizer, text_encoder))
+        accelerator.wait_for_everyone()
+        encoded = load_or_build_cache(out / "cache", key, lambda: None)
+        batches = CachedBatches(encoded, t.seed, config.data.random_flip)
+    elif config.data.streaming:
+        batches = StreamingBatches(ds, config.data, t.seed, rank, world, vae, tokenizer, text_encoder)
+    else:
+        batches = EncodingBatches(ds, config.data, t.seed, vae, tokenizer, text_encoder)
+    if t.cache:
+        accelerator.print(f"{len(encoded)} training images cached ({encoded.skipped} failed to decode, skipped)")
+    empty_states = encode_captions(tokenizer, text_encoder, [""]).cpu()  # ∅ for caption dropout
+
+    # Optimizer, LR warm-up + decay, and the noise schedule of the forward process
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                                 num_training_steps=t.max_steps)
+    scheduler = noise_scheduler(obj)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    # Resume from the last complete checkpoint
+    step = 0
+    ckpt_dir = out / "checkpoints"
+    if checkpoints(ckpt_dir):
+        last = checkpoints(ckpt_dir)[-1]
+        accelerator.load_state(str(last))
+        step = int(last.name.split("-")[1])
+        accelerator.print(f"Resuming from {last} (step {step})")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("ldm")
+
+    # Training loop
+    start_time, done_at_start = time.time(), step
+    samples_per_step = t.batch_size * world * t.gradient_accumulation_steps
+    bar = tqdm(total=t.max_steps, initial=step, desc="Training", disable=not accelerator.is_local_main_process)
+    unet.train()
+    while step < t.max_steps:
+        for k in range(t.gradient_accumulation_steps):
+            micro = step * t.gradient_accumulation_steps + k
+            batch = batches(micro, t.batch_size, rank, world)
+            with accelerator.accumulate(unet):
+                loss = training_loss(unet, scheduler, batch, empty_states, obj,
+                                     seeded_generator(t.seed, 4, micro, rank), scaling, accelerator.device)
+                if not torch.isfinite(loss):
+                    last = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else "none yet"
+                    raise TrainingError(f"Loss is {loss.item()} at step {step}; stopping. Last good checkpoint: "
+                                        f"{last}. Lower train.learning_rate or use train.mixed_precision=no.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(params)
+        step += 1
+
+        # Logging, checkpoints, validation
+        elapsed = time.time() - start_time
+        rate = (step - done_at_start) * samples_per_step / max(elapsed, 1e-9)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:.1f}")
+        if step % t.log_every == 0:
+            accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate},
+                            step=step)
+        out_of_time = t.max_minutes is not None and elapsed > 60 * t.max_minutes
+        if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
+            save_checkpoint(accelerator, ckpt_dir, step, t.keep_checkpoints)
+        if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
+            pipe = make_pipeline(accelerator.unwrap_model(unet), ema, vae, text_encoder, tokenizer, config)
+            validation_grid(pipe, config, out / "samples" / f"step-{step:07d}.png")
+        if out_of_time:
+            accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
+            break
+    bar.close()
+
+    # Export the pipeline (EMA weights)
+    if accelerator.is_main_process:
+        pipe = make_pipeline(accelerator.unwrap_model(unet), ema, vae, text_encoder, tokenizer, config)
+        export_pipeline(pipe, out / "pipeline", step)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out / "pipeline"
+
+
+def make_pipeline(unet: UNet, ema: EMAModel | None, vae, text_encoder, tokenizer, config: Config) -> LdmPipeline:
+    pipe = LdmPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet(unet, ema),
+                       scheduler=sampling_scheduler(config.objective))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def training_loss(unet: UNet, scheduler, batch: Batch, empty_states: torch.Tensor, obj: ObjectiveConfig,
+                  generator: torch.Generator, scaling: float, device: torch.device) -> torch.Tensor:
+    """One step's loss: z ~ q(z|x) from the VAE posterior, captions dropped to ∅ for CFG, then the
+    denoising loss at a random timestep. All randomness comes from `generator`."""
+    b = batch.mean.shape[0]
+    eps_z = torch.randn(batch.mean.shape, generator=generator)
+    noise = torch.randn(batch.mean.shape, generator=generator)
+    timesteps = torch.randint(0, obj.num_train_timesteps, (b,), generator=generator)
+    drop = torch.rand(b, generator=generator) < obj.caption_dropout
+    if obj.noise_offset:
+        noise = noise + obj.noise_offset * torch.randn((b, noise.shape[1], 1, 1), generator=generator)
+    x0 = (batch.mean + batch.std * eps_z) * scaling
+    context = torch.where(drop[:, None, None], empty_states, batch.context)
+    return diffusion_loss(unet, scheduler, x0.to(device), context.to(device), noise.to(device),
+                          timesteps.to(device), obj.snr_gamma)

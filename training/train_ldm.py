@@ -1,0 +1,28 @@
+"""Train a latent diffusion UNet: `accelerate launch training/train_ldm.py --config configs/emoji64.yaml [k=v ...]`.
+
+Re-running the same command resumes from the run folder's last checkpoint.
+"""
+
+import argparse
+import sys
+
+from ldm_app.config import load_config
+from ldm_app.trainer import TrainingError, train
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=64")
+    args = parser.parse_args()
+    try:
+        pipeline = train(load_config(args.config, args.overrides))
+    except (ValueError, TrainingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1
+    print(f"Pipeline written to {pipeline}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
