@@ -4,6 +4,9 @@ Small enough to train on 2 CPU cores in about half an hour: reconstruction (L1) 
 KL term, no GAN. Resumable: checkpoints are written atomically to the run dir and re-running
 the same command continues from the last one. At the end `scaling_factor` is set to 1/std of
 the train latents so the UNet sees unit-variance latents.
+
+`--init <final dir> --decoder-only` fine-tunes only the decoder of a finished VAE: the encoder,
+latents and scaling_factor stay bit-identical, so a UNet already trained on them stays valid.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=float, default=3.0, help="minutes between PSNR evals + checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="start from a saved VAE (from_pretrained folder)")
+    parser.add_argument("--decoder-only", action="store_true", help="freeze encoder/latents (needs --init)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
@@ -110,8 +115,12 @@ def main() -> None:
     train, test = load_split(data, "train"), load_split(data, "test")
 
     # --- model, optimizer, resume ---
-    vae = build_vae(args.width).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    vae = AutoencoderKL.from_pretrained(args.init.expanduser()) if args.init else build_vae(args.width)
+    vae = vae.to(memory_format=torch.channels_last)
+    if args.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=args.lr)
     state = {"step": 0, "elapsed": 0.0}
     if (run / "state.pt").exists():
         vae.load_state_dict(load_file(run / "model.safetensors"))
@@ -158,10 +167,11 @@ def main() -> None:
     # --- final metrics, scaling factor, export ---
     test_psnr, train_psnr = psnr(vae, test), psnr(vae, train[:512])
     mean, std, per_channel = latent_stats(vae, train)
-    vae.register_to_config(scaling_factor=1.0 / std)
+    if not args.decoder_only:
+        vae.register_to_config(scaling_factor=1.0 / std)
     vae.to(memory_format=torch.contiguous_format).save_pretrained(run / "final", safe_serialization=True)
     summary = {"test_psnr_db": test_psnr, "train_psnr_db_first512": train_psnr, "latent_mean": mean,
-               "latent_std": std, "latent_std_per_channel": per_channel, "scaling_factor": 1.0 / std,
+               "latent_std": std, "latent_std_per_channel": per_channel, "scaling_factor": vae.config.scaling_factor,
                "params": n_params, "steps": state["step"], "train_minutes": state["elapsed"] / 60}
     (run / "final" / "metrics.json").write_text(json.dumps(summary, indent=2))
     report(f"final {json.dumps(summary)}")

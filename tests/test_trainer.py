@@ -1,0 +1,166 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm_app import LdmPipeline
+from ldm_app.batches import CachedBatches, EncodingBatches, seeded_generator
+from ldm_app.cache import build_encoded_dataset
+from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
+from ldm_app.config import load_config
+from ldm_app.data import load_image_dataset
+from ldm_app.diffusion import noise_scheduler
+from ldm_app.testing import write_tiny_run_inputs, write_toy_dataset
+from ldm_app.trainer import TrainingError, train, training_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_config(inputs: Path, out: Path, *overrides: str):
+    return load_config(TINY, [f"data.path={inputs / 'data'}", f"model.vae={inputs / 'model'}",
+                              f"model.text_encoder={inputs / 'model'}", f"train.output_dir={out}",
+                              "train.validation_every=0", *overrides])
+
+
+def fixed_batch_loss(unet, config, inputs) -> float:
+    """Loss of a UNet on one fixed batch with fixed noise: comparable before and after training."""
+    vae = load_vae(inputs / "model", "vae")
+    tok, te = load_tokenizer(inputs / "model", "tokenizer"), load_text_encoder(inputs / "model", "text_encoder")
+    encoded = build_encoded_dataset(load_image_dataset(config.data), config.data, vae, tok, te, progress=False)
+    batch = CachedBatches(encoded, 0, False)(0, 32, 0, 1)
+    empty = te(tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[0]
+    with torch.no_grad():
+        return training_loss(unet.eval(), noise_scheduler(config.objective), batch, empty, config.objective,
+                             seeded_generator(123), vae.config.scaling_factor, torch.device("cpu")).item()
+
+
+@pytest.mark.parametrize("prediction_type, extra", [
+    ("epsilon", []),
+    ("sample", []),
+    ("v_prediction", ["objective.zero_terminal_snr=true"]),
+])
+def test_loss_falls_for_each_prediction_type(inputs, tmp_path, prediction_type, extra):
+    steps = "100" if prediction_type == "epsilon" else "40"
+    config = tiny_config(inputs, tmp_path, f"objective.prediction_type={prediction_type}", *extra,
+                         f"train.max_steps={steps}", "train.use_ema=false", f"train.checkpoint_every={steps}")
+    from ldm_app.trainer import build_unet
+    torch.manual_seed(config.train.seed)
+    before = fixed_batch_loss(build_unet(config, 32, 4, 8), config, inputs)
+    pipeline = train(config)
+    after = fixed_batch_loss(LdmPipeline.from_pretrained(pipeline).unet, config, inputs)
+    assert after < (0.8 if prediction_type == "epsilon" else 0.95) * before, (before, after)
+    scheduler = LdmPipeline.from_pretrained(pipeline).scheduler
+    assert scheduler.config.prediction_type == prediction_type
+
+
+def test_cache_gives_the_same_batches_and_loss_as_encoding_every_step(inputs):
+    config = load_config(TINY, [f"data.path={inputs / 'data'}", "data.random_flip=true"])
+    vae = load_vae(inputs / "model", "vae")
+    tok, te = load_tokenizer(inputs / "model", "tokenizer"), load_text_encoder(inputs / "model", "text_encoder")
+    ds = load_image_dataset(config.data)
+    cached = CachedBatches(build_encoded_dataset(ds, config.data, vae, tok, te, progress=False), 0, True)
+    fresh = EncodingBatches(ds, config.data, 0, vae, tok, te)
+    empty = torch.zeros(1, tok.model_max_length, 32)
+    torch.manual_seed(0)
+    from ldm_app.unet import LdmUNet
+    unet = LdmUNet.from_preset("tiny", sample_size=8).eval()
+    for step in (0, 1, 5):  # step 5 wraps into the second epoch: a new permutation
+        a, b = cached(step, 8, 0, 1), fresh(step, 8, 0, 1)
+        torch.testing.assert_close(a.mean, b.mean)
+        torch.testing.assert_close(a.std, b.std)
+        torch.testing.assert_close(a.context, b.context)
+        with torch.no_grad():
+            losses = [training_loss(unet, noise_scheduler(config.objective), batch, empty, config.objective,
+                                    seeded_generator(7, step), 0.5, torch.device("cpu")) for batch in (a, b)]
+        torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_undecodable_images_are_skipped_and_counted(tmp_path):
+    write_toy_dataset(tmp_path / "data", n=6, corrupt=2)
+    config = load_config(None, [f"data.path={tmp_path / 'data'}", "data.resolution=32"])
+    from ldm_app.testing import tiny_components
+    c = tiny_components()
+    encoded = build_encoded_dataset(load_image_dataset(config.data), config.data, c["vae"], c["tokenizer"],
+                                    c["text_encoder"], progress=False)
+    assert len(encoded) == 6 and encoded.skipped == 2
+
+
+def test_sidecar_caption_folders_load(tmp_path):
+    write_toy_dataset(tmp_path, n=4, layout="sidecar")
+    ds = load_image_dataset(load_config(None, [f"data.path={tmp_path}"]).data)
+    assert len(ds) == 4 and all(" " in text for text in ds["text"])
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(inputs, tmp_path):
+    config = tiny_config(inputs, tmp_path, "train.max_steps=3")
+
+    def poison(unet):
+        unet.conv_out.bias.data.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match="at step 0"):
+        train(config, setup_unet=poison)
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def cli_overrides(inputs: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.path={inputs / 'data'}", f"model.vae={inputs / 'model'}", f"model.text_encoder={inputs / 'model'}",
+            f"train.output_dir={out}", "train.validation_every=0", *extra]
+
+
+def test_kill_and_resume_ends_with_the_same_weights(inputs, tmp_path):
+    common = ["train.max_steps=24", "train.checkpoint_every=4", "train.keep_checkpoints=10"]
+    straight = run_cli("training/train_ldm.py", "--config", str(TINY), *cli_overrides(inputs, tmp_path / "a", *common))
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()
+
+    killed = run_cli("training/train_ldm.py", "--config", str(TINY), *cli_overrides(inputs, tmp_path / "b", *common))
+    deadline = time.time() + 300
+    while not list((tmp_path / "b" / "checkpoints").glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "b" / "pipeline").exists()
+    resumed = run_cli("training/train_ldm.py", "--config", str(TINY), *cli_overrides(inputs, tmp_path / "b", *common))
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    assert "Resuming from" in log
+
+    for path in ("pipeline/unet/diffusion_pytorch_model.safetensors", "checkpoints/checkpoint-24/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / path), load_file(tmp_path / "b" / path)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_two_process_ddp_run_exports_a_loadable_pipeline(inputs, tmp_path):
+    proc = run_cli("-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "training/train_ldm.py",
+                   "--config", str(TINY), *cli_overrides(inputs, tmp_path, "train.max_steps=4",
+                                                         "train.checkpoint_every=2", "train.batch_size=4"))
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    pipe = LdmPipeline.from_pretrained(tmp_path / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_bad_config_key_is_one_line_with_the_valid_keys(tmp_path):
+    proc = run_cli("training/train_ldm.py", "--config", str(TINY), "train.bacth_size=3")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2
+    assert "valid keys in 'train'" in out and "batch_size" in out and "Traceback" not in out
