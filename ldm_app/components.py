@@ -27,6 +27,15 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+def _cast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    return model if dtype is None else model.to(dtype=dtype)
+
+
+def _resolve(path: str | os.PathLike) -> str:
+    """`~/x` → the home folder's x; hub ids and other paths pass through."""
+    return os.path.expanduser(str(path))
+
+
 def _is_local(path: str | os.PathLike) -> bool:
     return Path(path).exists()
 
@@ -39,20 +48,23 @@ def _check_local_folder(path: str | os.PathLike, subfolder: str | None, what: st
 
 def load_vae(path: str | os.PathLike, subfolder: str | None = None, dtype: torch.dtype | None = None) -> AutoencoderKL:
     """A frozen `AutoencoderKL` from a folder or hub id."""
+    path = _resolve(path)
     _check_local_folder(path, subfolder, "VAE")
-    return freeze(AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype))
+    return freeze(_cast(AutoencoderKL.from_pretrained(path, subfolder=subfolder), dtype))
 
 
 def load_text_encoder(path: str | os.PathLike, subfolder: str | None = None,
                       dtype: torch.dtype | None = None) -> CLIPTextModel:
     """A frozen `CLIPTextModel` from a folder or hub id."""
+    path = _resolve(path)
     _check_local_folder(path, subfolder, "text encoder")
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    return freeze(CLIPTextModel.from_pretrained(path, dtype=dtype, **kwargs))
+    return freeze(_cast(CLIPTextModel.from_pretrained(path, **kwargs), dtype))
 
 
 def load_tokenizer(path: str | os.PathLike, subfolder: str | None = None) -> CLIPTokenizer:
     """A `CLIPTokenizer` (vocab.json + merges.txt) from a folder or hub id."""
+    path = _resolve(path)
     _check_local_folder(path, subfolder, "tokenizer")
     kwargs = {"subfolder": subfolder} if subfolder else {}
     return CLIPTokenizer.from_pretrained(path, **kwargs)
@@ -60,6 +72,7 @@ def load_tokenizer(path: str | os.PathLike, subfolder: str | None = None) -> CLI
 
 def unet_class(path: str | os.PathLike, subfolder: str | None = None) -> type[LdmUNet] | type[UNet2DConditionModel]:
     """Which UNet class a saved config describes (`_class_name`), so either kind loads from the same call."""
+    path = _resolve(path)
     config = ConfigMixin.load_config(path, subfolder=subfolder) if not _is_local(path) else json.loads(
         (Path(path) / (subfolder or "") / "config.json").read_text()
     )
@@ -71,7 +84,8 @@ def unet_class(path: str | os.PathLike, subfolder: str | None = None) -> type[Ld
 
 def load_unet(path: str | os.PathLike, subfolder: str | None = None, dtype: torch.dtype | None = None) -> UNet:
     """An `LdmUNet` or diffusers `UNet2DConditionModel`, whichever the folder holds."""
+    path = _resolve(path)
     _check_local_folder(path, subfolder, "UNet")
     if _is_local(path) and not (Path(path) / (subfolder or "") / "config.json").is_file():
         raise ValueError(f"No config.json in {Path(path) / (subfolder or '')}; point to a UNet or pipeline folder.")
-    return unet_class(path, subfolder).from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+    return _cast(unet_class(path, subfolder).from_pretrained(path, subfolder=subfolder), dtype)

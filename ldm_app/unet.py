@@ -391,7 +391,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(False, True),
                  attention_head_dim=16, cross_attention_dim=32, norm_num_groups=8),
     # the embedded default model: trains on 2 CPU cores within a session
-    "small": dict(block_out_channels=(64, 128, 192), layers_per_block=1, attention_levels=(False, True, True),
+    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, attention_levels=(False, True, True),
                   attention_head_dim=32, cross_attention_dim=256, norm_num_groups=32),
     # a GPU-sized model for 16×16 latents
     "base": dict(block_out_channels=(128, 256, 256), layers_per_block=2, attention_levels=(False, True, True),

@@ -1,0 +1,30 @@
+"""Named samplers: diffusers schedulers built from the pipeline's own noise schedule."""
+
+from __future__ import annotations
+
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict, str]] = {
+    # name: (scheduler class, extra config, label written into PNG metadata)
+    "ddim": (DDIMScheduler, {}, "DDIM"),  # Song et al. 2021; η = 0 deterministic, η = 1 ≈ DDPM
+    "ddpm": (DDPMScheduler, {}, "DDPM"),  # ancestral sampling, Ho et al. 2020, Algorithm 2
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),  # Lu et al. 2022
+    "euler": (EulerDiscreteScheduler, {}, "Euler"),  # Karras et al. 2022
+}
+
+
+def make_scheduler(name: str, config: dict) -> SchedulerMixin:
+    """The named sampler over the same β schedule (and prediction type) as `config`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+    cls, extra, _ = SAMPLERS[name]
+    return cls.from_config({**config, **extra})
+
+
+def sampler_name(scheduler: SchedulerMixin) -> str:
+    """The short name of a scheduler instance (as used by `--sampler`), or its class name."""
+    for name, (cls, extra, _) in SAMPLERS.items():
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
+            return name
+    return type(scheduler).__name__
