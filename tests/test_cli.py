@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from ldm_app.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ldm_app.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path).convert("RGB"))
+
+
+def test_generate_writes_png_with_parameters_and_from_reproduces_it(model, tmp_path):
+    out = tmp_path / "cat.png"
+    r = cli("generate", "a cat", "--model", str(model), "--steps", "3", "--seed", "7", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    info = PIL.Image.open(out).info
+    assert info["parameters"].startswith("a cat\nNegative prompt: \nSteps: 3, Sampler: DDIM, CFG scale: 5.0, Seed: 7")
+    params = json.loads(info["ldm-app"])
+    assert params["seed"] == 7 and params["model"] == str(model) and params["width"] == 32
+
+    again = tmp_path / "again.png"
+    r = cli("generate", "--from", str(out), "-o", str(again), "--quiet")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(pixels(out), pixels(again))
+
+
+def test_several_images_go_to_a_folder_with_a_grid_and_own_seeds(model, tmp_path):
+    r = cli("generate", "a dog", "--model", str(model), "--steps", "2", "-n", "3", "--batch-size", "2",
+            "--seed", "10", "--grid", "-o", str(tmp_path), "--sampler", "dpm++")
+    assert r.returncode == 0, r.stderr
+    written = [Path(line) for line in r.stdout.split()]
+    assert len(written) == 4 and all(p.is_file() for p in written)
+    seeds = [json.loads(PIL.Image.open(p).info["ldm-app"])["seed"] for p in written[:3]]
+    assert seeds == [10, 11, 12]
+    assert PIL.Image.open(written[3]).size == (96, 32)
+    # image 12 alone (no batch) is the same image: batching never changes results
+    single = tmp_path / "single.png"
+    assert cli("generate", "--from", str(written[2]), "-o", str(single), "-q").returncode == 0
+    np.testing.assert_array_equal(pixels(written[2]), pixels(single))
+    assert "seed: 10" in r.stderr
+
+
+def test_existing_file_is_kept_unless_overwrite(model, tmp_path):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    r = cli("generate", "a cat", "--model", str(model), "--steps", "1", "-o", str(out))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and out.read_bytes() == b"precious"
+    r = cli("generate", "a cat", "--model", str(model), "--steps", "1", "-o", str(out), "--overwrite", "-q")
+    assert r.returncode == 0 and out.read_bytes() != b"precious"
+
+
+def broken_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "LdmPipeline", "unet": ["ldm_app.unet", "LdmUNet"]}')
+    return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/missing"], "does not exist"),
+    (["--model", "{broken}"], "Cannot load model"),
+    (["--height", "30"], "multiple of the VAE factor"),
+    (["--width", "40000"], "too large"),
+    (["--steps", "0"], "--steps"),
+    (["--sampler", "plms"], "--sampler"),
+    (["-o", "/etc/hostname/x.png"], "Output folder"),
+    (["--from", "{tmp}/nope.png"], "no such file"),
+])
+def test_bad_input_is_one_line_exit_2_without_traceback(model, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, broken=broken_model(tmp_path) if "{broken}" in a else "") for a in args]
+    if "--model" not in args:
+        args = ["--model", str(model), *args]
+    r = cli("generate", "a cat", "--steps" if "--steps" not in args else "--quiet", *(["1"] if "--steps" not in args else []),
+            *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr
+
+
+def test_long_prompt_warns_with_dropped_token_count_and_empty_prompt_notes(model, tmp_path):
+    r = cli("generate", " ".join(["cat"] * 30), "--model", str(model), "--steps", "1", "-o", str(tmp_path / "a.png"))
+    assert r.returncode == 0 and "are dropped" in r.stderr and "last 16" in r.stderr
+    r = cli("generate", "", "--model", str(model), "--steps", "1", "-o", str(tmp_path / "b.png"))
+    assert r.returncode == 0 and "unconditional" in r.stderr
+
+
+def test_info_lists_components(model):
+    r = cli("info", "--model", str(model))
+    assert r.returncode == 0, r.stderr
+    assert "unet: LdmUNet" in r.stdout and "native size: 32x32" in r.stdout and "DDIMScheduler" in r.stdout
+
+
+def test_every_help_ends_with_examples():
+    for command in ("generate", "info"):
+        r = cli(command, "--help")
+        assert r.returncode == 0 and "Examples:" in r.stdout.split("Options:")[-1]
