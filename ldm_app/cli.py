@@ -90,7 +90,9 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, quiet: b
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"Cannot load model {model!r}: {reason[:300]}. Check that it is a complete pipeline "
                         "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from None
-    pipe = pipe.to(device, dtype)
+    pipe = pipe.to(device)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
     if device.type == "cpu":
         pipe.unet.to(memory_format=torch.channels_last)  # measured +22 % sampling speed on CPU
     pipe.set_progress_bar_config(disable=quiet, leave=False)
@@ -171,12 +173,14 @@ Examples:
               help="Weights dtype (auto: fp16 on CUDA, fp32 elsewhere).")
 @click.option("--from", "from_png", type=click.Path(dir_okay=False), default=None,
               help="Reuse every parameter stored in a PNG made by ldm-app (other options override it).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA file or folder, optionally with a scale (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; only the written paths.")
 @click.pass_context
 def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None,
              width: int | None, output: str | None, overwrite: bool, grid: bool, device: str, dtype: str,
-             from_png: str | None, quiet: bool) -> None:
+             loras: tuple[str, ...], from_png: str | None, quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written."""
     # 1. Parameters: --from first, then what was given explicitly on the command line
     if from_png is not None:
@@ -193,6 +197,7 @@ def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt
         width = width if "width" in given else stored.width
         model = model if "model" in given else stored.model
         dtype = dtype if "dtype" in given else stored.dtype
+        loras = loras if "loras" in given else tuple(stored.loras)
     if prompt is None:
         raise UserError("No PROMPT given; pass a prompt, e.g. ldm-app generate \"a cat\" (or --from image.png).")
     if sampler not in SAMPLERS:
@@ -215,6 +220,7 @@ def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt
     check_size("height", height, pipe.vae_scale_factor)
     check_size("width", width, pipe.vae_scale_factor)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    apply_loras(pipe, loras)
     warn_if_truncated(pipe, prompt, note)
 
     # 3. Sample in batches; image i has its own generator seeded with seed + i, so batching never matters
@@ -229,7 +235,7 @@ def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt
     # 4. Write PNGs with their parameters
     for i, (image, path) in enumerate(zip(images, paths)):
         save_png(image, path, GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed + i,
-                                               width, height, model, dtype))
+                                               width, height, model, dtype, list(loras)))
         click.echo(str(path))
     if grid_path is not None:
         from diffusers.utils import make_image_grid
@@ -240,8 +246,34 @@ def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt
         blank.paste((255, 255, 255), (0, 0, *blank.size))
         grid_image = make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
         save_png(grid_image, grid_path, GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed,
-                                                         width, height, model, dtype))
+                                                         width, height, model, dtype, list(loras)))
         click.echo(str(grid_path))
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """PATH or PATH:SCALE (a trailing number after the last colon is the scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def apply_loras(pipe, specs: tuple[str, ...] | list[str]) -> None:
+    """Load each LoRA as its own adapter and activate them all with their scales."""
+    names, scales = [], []
+    for i, spec in enumerate(specs):
+        path, scale = parse_lora(spec)
+        try:
+            pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+        except ValueError as err:
+            raise UserError(str(err).splitlines()[0]) from None
+        names.append(f"lora_{i}")
+        scales.append(scale)
+    if names:
+        pipe.set_adapters(names, scales)
 
 
 def read_params_or_fail(path: str) -> GenerationParams:
@@ -293,8 +325,7 @@ def info(model: str) -> None:
 
 
 def main() -> None:
+    from . import cli_lora  # noqa: F401  (registers finetune-lora)
+
     app()
 
-
-if __name__ == "__main__":
-    main()

@@ -92,11 +92,19 @@ class TrainConfig:
 
 
 @dataclass
+class LoraTrainConfig:
+    rank: int = 0  # > 0: train rank-r LoRA adapters on a frozen pretrained UNet instead of the whole UNet
+    alpha: float | None = None  # LoRA α; the update is scaled by α/r (default α = r)
+    kohya: bool = False  # also write the adapters in kohya/A1111 format
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -16,12 +16,14 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .lora import from_kohya, is_kohya, read_lora_file
 from .unet import LdmUNet
 
 logger = logging.get_logger(__name__)
@@ -31,7 +33,7 @@ _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only")
 OutputType = Literal["pil", "np", "pt", "latent"]
 
 
-class LdmPipeline(DiffusionPipeline):
+class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """VAE + CLIP text encoder + UNet (`LdmUNet` or `UNet2DConditionModel`) + scheduler.
 
     `pipe("a cat").images[0]` samples an image; `guidance_scale` > 1 turns on classifier-free guidance
@@ -83,6 +85,19 @@ class LdmPipeline(DiffusionPipeline):
             raise ValueError(f"The embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall ldm-app "
                              "or pass a model folder or hub id.")
         return cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+                          adapter_name: str | None = None, **kwargs: Any) -> None:
+        """diffusers' LoRA loading, plus local folders with pytorch_lora_weights.safetensors and kohya/A1111
+        files (`lora_unet_*` keys), which are matched against this pipeline's own module names."""
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, dict) and Path(source).expanduser().exists():
+            source = read_lora_file(source)
+        if isinstance(source, dict) and is_kohya(source):
+            modules = {"unet": [n for n, _ in self.unet.named_modules()],
+                       "text_encoder": [n for n, _ in self.text_encoder.named_modules()]}
+            source = from_kohya(source, modules)
+        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # Stages

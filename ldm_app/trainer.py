@@ -27,6 +27,7 @@ from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_bu
 from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
 from .config import Config, ObjectiveConfig, save_config
 from .data import load_image_dataset
+from .lora import KOHYA_FILE, LORA_FILE, UNET_TARGETS, add_lora, lora_state_dict, save_atomic, to_kohya
 from .diffusion import diffusion_loss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
 from .unet import LdmUNet
@@ -80,7 +81,7 @@ def ema_unet(unet: UNet, ema: EMAModel | None) -> UNet:
     """A copy of the UNet carrying the EMA weights (the weights we sample and export with)."""
     model = copy.deepcopy(unet)
     if ema is not None:
-        ema.copy_to(model.parameters())
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
     return model.eval().to(memory_format=torch.contiguous_format)
 
 
@@ -146,6 +147,10 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     # The UNet: trainable parameters in fp32 (accelerate autocasts the forward pass)
     unet = build_unet(config, text_encoder.config.hidden_size, vae.config.latent_channels,
                       config.data.resolution // vae_factor)
+    if config.lora.rank:
+        if not m.pretrained_unet:
+            raise ValueError("lora.rank > 0 fine-tunes a pretrained UNet; set model.pretrained_unet to a pipeline folder.")
+        add_lora(unet, config.lora.rank, config.lora.alpha, UNET_TARGETS)
     if setup_unet is not None:
         setup_unet(unet)
     if m.gradient_checkpointing:
@@ -247,13 +252,24 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
             break
     bar.close()
 
-    # Export the pipeline (EMA weights)
+    # Export the pipeline, or just the LoRA adapters (EMA weights where kept)
     if accelerator.is_main_process:
         pipe = make_pipeline(accelerator.unwrap_model(unet), ema, vae, text_encoder, tokenizer, config)
-        export_pipeline(pipe, out / "pipeline", step)
+        if config.lora.rank:
+            export_lora(pipe.unet, out, config.lora.kohya)
+        else:
+            export_pipeline(pipe, out / "pipeline", step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return out / "pipeline"
+    return out / LORA_FILE if config.lora.rank else out / "pipeline"
+
+
+def export_lora(unet: UNet, folder: Path, kohya: bool) -> None:
+    """pytorch_lora_weights.safetensors (diffusers layout), and the kohya/A1111 file on request."""
+    state = lora_state_dict(unet)
+    save_atomic(state, folder / LORA_FILE)
+    if kohya:
+        save_atomic(to_kohya(state), folder / KOHYA_FILE, {"ss_network_module": "networks.lora"})
 
 
 def make_pipeline(unet: UNet, ema: EMAModel | None, vae, text_encoder, tokenizer, config: Config) -> LdmPipeline:

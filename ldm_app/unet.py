@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
@@ -235,12 +236,14 @@ class Upsample(nn.Module):
 # The model
 
 
-class LdmUNet(ModelMixin, ConfigMixin):
+class LdmUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """ε-prediction UNet over VAE latents, conditioned on the timestep and on text.
 
     Text enters twice: by cross-attention to every token's hidden state, and as the mean-pooled text
     embedding added to the timestep embedding. The pooled path gives every ResNet block a global summary of
     the prompt; on small models and budgets it is what makes the conditioning learnable quickly.
+
+    `PeftAdapterMixin` gives it diffusers' LoRA API (`add_adapter`, `load_lora_adapter`, `fuse_lora`, ...).
     """
 
     _supports_gradient_checkpointing = True

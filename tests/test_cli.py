@@ -20,7 +20,7 @@ def model(tmp_path_factory) -> Path:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ldm_app.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "ldm_app", *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 

@@ -1,0 +1,162 @@
+"""`ldm-app finetune-lora PHOTOS_DIR`: LoRA (optionally DreamBooth-style) fine-tuning through the one trainer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+import torch
+
+from .cli import DEFAULT_MODEL, UserError, app, load_pipeline
+from .config import load_config
+from .data import IMAGE_EXTENSIONS, decode_image
+from .lora import KOHYA_FILE, LORA_FILE
+from .pipeline import DEFAULT_MODEL_DIR
+
+FINETUNE_EXAMPLES = """
+
+\b
+Examples:
+  ldm-app finetune-lora ./photos --prompt "a photo of sks cat" --steps 400
+  ldm-app finetune-lora ./photos --prompt "sks style" --rank 16 --format kohya -o my-lora
+  ldm-app finetune-lora ./photos --prompt "a sks dog" --prior-preservation --class-prompt "a dog"
+  ldm-app generate "a sks dog" --lora my-lora:0.8
+"""
+
+
+def stage_photos(photos: Path, data_dir: Path, prompt: str | None, resolution: int, note) -> int:
+    """Copy every decodable image as an RGB PNG (EXIF applied) with a .txt caption into `data_dir`.
+
+    Captions: a same-named .txt file, else the photo's `text` in metadata.jsonl, else `prompt`. Returns the
+    number of usable images; non-images and undecodable files are counted and reported.
+    """
+    metadata = {}
+    if (photos / "metadata.jsonl").is_file():
+        for line in (photos / "metadata.jsonl").read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                metadata[row.get("file_name")] = row.get("text", "")
+    files = sorted(p for p in photos.iterdir() if p.is_file())
+    candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    ignored = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS | {".txt", ".jsonl"}]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    used, broken, small = 0, 0, 0
+    for path in candidates:
+        image = decode_image({"path": str(path), "bytes": None})
+        if image is None:
+            broken += 1
+            continue
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text().strip() if sidecar.is_file() else metadata.get(path.name) or prompt
+        if not caption:
+            raise UserError(f"{path.name} has no caption (.txt or metadata.jsonl); pass --prompt for such photos.")
+        small += min(image.size) < resolution
+        image.save(data_dir / f"instance-{used:04d}.png")
+        (data_dir / f"instance-{used:04d}.txt").write_text(caption)
+        used += 1
+    if ignored or broken:
+        note(f"skipped {len(ignored)} non-image file(s) and {broken} unreadable image(s)")
+    if small:
+        note(f"warning: {small} image(s) smaller than {resolution} px are upscaled")
+    return used
+
+
+def write_class_images(pipe, data_dir: Path, class_prompt: str, count: int, seed: int) -> None:
+    """DreamBooth prior preservation: the base model's own images of the class, trained on beside the photos."""
+    for i in range(count):
+        image = pipe(class_prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(seed + i)).images[0]
+        image.save(data_dir / f"class-{i:04d}.png")
+        (data_dir / f"class-{i:04d}.txt").write_text(class_prompt)
+
+
+def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds=(0, 1, 2, 3)) -> None:
+    """Row 1: the base model; row 2: with the new LoRA; same prompt and seeds."""
+    from diffusers.utils import make_image_grid
+
+    pipe = load_pipeline(model, torch.device("cpu"), torch.float32, quiet=True)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    before = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
+    pipe.load_lora_weights(lora_dir / LORA_FILE)
+    after = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
+    make_image_grid(before + after, rows=2, cols=len(seeds)).save(path)
+
+
+@app.command("finetune-lora", epilog=FINETUNE_EXAMPLES)
+@click.argument("photos_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", default=DEFAULT_MODEL, help="Base pipeline folder or hub id ('default' = the embedded model).")
+@click.option("--prompt", default=None, help="Caption for photos without a .txt or metadata.jsonl caption.")
+@click.option("--rank", type=click.IntRange(min=1), default=8, help="LoRA rank r.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None, help="LoRA α (default: rank).")
+@click.option("--steps", type=click.IntRange(min=1), default=400, help="Optimizer steps.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8)
+@click.option("--resolution", type=click.IntRange(min=8), default=None, help="Training size (default: the model's).")
+@click.option("--prior-preservation", is_flag=True, help="DreamBooth: also train on the base model's class images.")
+@click.option("--class-prompt", default=None, help="Prompt for the class images, e.g. 'a photo of a cat'.")
+@click.option("--num-class-images", type=click.IntRange(min=1), default=16)
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "kohya"]), default="diffusers",
+              help="kohya: also write a kohya/A1111 file.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("lora-output"))
+@click.option("--seed", type=int, default=0)
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("-q", "--quiet", is_flag=True)
+def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, alpha: float | None, steps: int,
+                  lr: float, batch_size: int, resolution: int | None, prior_preservation: bool,
+                  class_prompt: str | None, num_class_images: int, fmt: str, output: Path, seed: int,
+                  resume: bool, quiet: bool) -> None:
+    """Fine-tune LoRA adapters on the photos in PHOTOS_DIR; the base model on disk is never modified."""
+    from .trainer import TrainingError, train
+
+    note = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    # 1. Check inputs before any work
+    if not photos_dir.is_dir():
+        raise UserError(f"{photos_dir} is not a folder; pass a folder of photos.")
+    if prior_preservation and not class_prompt:
+        raise UserError("--prior-preservation needs --class-prompt, e.g. --class-prompt \"a photo of a cat\".")
+    if output.exists() and any(output.iterdir()) and not resume:
+        raise UserError(f"{output} already exists; pass --resume to continue it, or choose another --output.")
+    base = load_pipeline(model, torch.device("cpu"), torch.float32, quiet=True)
+    resolution = resolution or base.default_size
+    if resolution % base.vae_scale_factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE factor {base.vae_scale_factor}.")
+
+    # 2. Stage the photos (and class images) as captioned RGB PNGs in the run folder
+    data_dir = output / "data"
+    if not (resume and data_dir.is_dir()):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if stage_photos(photos_dir, data_dir, prompt, resolution, note) == 0:
+            shutil.rmtree(output, ignore_errors=True)
+            raise UserError(f"No usable image in {photos_dir}; add jpg/png/webp/bmp photos.")
+        if prior_preservation:
+            note(f"generating {num_class_images} class images for prior preservation")
+            base.set_progress_bar_config(disable=True)
+            write_class_images(base, data_dir, class_prompt, num_class_images, seed)
+    del base
+
+    # 3. Train LoRA adapters with the shared trainer
+    model_path = str(DEFAULT_MODEL_DIR) if model == DEFAULT_MODEL else model
+    overrides = [
+        f"data.path={data_dir}", f"data.resolution={resolution}",
+        f"model.vae={model_path}", "model.vae_subfolder=vae", f"model.text_encoder={model_path}",
+        "model.text_encoder_subfolder=text_encoder", f"model.tokenizer={model_path}", "model.tokenizer_subfolder=tokenizer",
+        f"model.pretrained_unet={model_path}", "model.pretrained_unet_subfolder=unet",
+        f"lora.rank={rank}", f"lora.kohya={fmt == 'kohya'}", "objective.caption_dropout=0.0",
+        f"train.output_dir={output}", f"train.seed={seed}", f"train.batch_size={batch_size}",
+        f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.lr_scheduler=constant",
+        f"train.warmup_steps={min(50, steps // 10)}", "train.use_ema=false", "train.validation_every=0",
+        f"train.checkpoint_every={max(50, steps // 4)}", "train.keep_checkpoints=1",
+    ] + ([f"lora.alpha={alpha}"] if alpha else [])
+    try:
+        lora_file = train(load_config(None, overrides))
+    except (ValueError, TrainingError) as err:
+        raise UserError(str(err)) from None
+
+    # 4. Before/after grid for the trained prompt
+    grid = output / "before_after.png"
+    sample_prompt = prompt or (data_dir / "instance-0000.txt").read_text()
+    before_after_grid(model, output, sample_prompt, grid)
+    for path in (lora_file, output / KOHYA_FILE if fmt == "kohya" else None, output / "config.yaml", grid):
+        if path is not None:
+            click.echo(str(path))

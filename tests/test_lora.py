@@ -1,0 +1,147 @@
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from ldm_app import LdmPipeline
+from ldm_app.config import load_config
+from ldm_app.lora import KOHYA_FILE, LORA_FILE, UNET_TARGETS, add_lora, lora_state_dict, save_atomic
+from ldm_app.testing import tiny_components, tiny_pipeline, write_toy_dataset
+from ldm_app.trainer import train
+
+
+def generate(pipe, seed=0):
+    return pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(seed),
+                output_type="np").images
+
+
+def pipe_with_random_lora(kind="ldm", alpha=None):
+    pipe = tiny_pipeline(kind)
+    add_lora(pipe.unet, rank=4, alpha=alpha, targets=UNET_TARGETS)
+    g = torch.Generator().manual_seed(1)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give it weight so the adapter changes something
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    return pipe
+
+
+def test_zero_init_and_scale_zero_equal_the_base_and_scale_one_differs():
+    base = generate(tiny_pipeline())
+    fresh = tiny_pipeline()
+    add_lora(fresh.unet, rank=4, alpha=None, targets=UNET_TARGETS)
+    np.testing.assert_allclose(generate(fresh), base, atol=1e-6)
+    pipe = pipe_with_random_lora()
+    assert np.abs(generate(pipe) - base).max() > 1e-3
+    pipe.set_adapters(["default"], [0.0])
+    np.testing.assert_allclose(generate(pipe), base, atol=1e-6)
+
+
+def test_fused_equals_unfused_and_unfuse_restores():
+    pipe = pipe_with_random_lora()
+    unfused = generate(pipe)
+    pipe.fuse_lora()
+    np.testing.assert_allclose(generate(pipe), unfused, atol=1e-5)
+    pipe.unfuse_lora()
+    np.testing.assert_allclose(generate(pipe), unfused, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [None, 8.0])
+def test_saved_lora_reloads_to_the_same_images_in_diffusers_and_kohya_format(tmp_path, alpha):
+    pipe = pipe_with_random_lora(alpha=alpha)
+    expected = generate(pipe)
+    state = lora_state_dict(pipe.unet)
+    save_atomic(state, tmp_path / LORA_FILE)
+    from ldm_app.lora import to_kohya
+    save_atomic(to_kohya(state), tmp_path / KOHYA_FILE)
+    for source in (tmp_path, tmp_path / KOHYA_FILE):
+        fresh = tiny_pipeline()
+        fresh.load_lora_weights(source)
+        np.testing.assert_allclose(generate(fresh), expected, atol=1e-5)
+
+
+def test_unknown_kohya_module_is_a_clear_error(tmp_path):
+    save_atomic({"lora_unet_nope_to_q.lora_down.weight": torch.zeros(4, 8),
+                 "lora_unet_nope_to_q.lora_up.weight": torch.zeros(8, 4)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="matches no module"):
+        tiny_pipeline().load_lora_weights(tmp_path / "bad.safetensors")
+
+
+def test_lora_trained_on_a_diffusers_unet_loads_in_stable_diffusion_pipeline(tmp_path):
+    base = tmp_path / "base"
+    tiny_pipeline("diffusers").save_pretrained(base)
+    write_toy_dataset(tmp_path / "data", n=8)
+    config = load_config(None, [
+        f"data.path={tmp_path / 'data'}", "data.resolution=32", f"model.vae={base}", f"model.text_encoder={base}",
+        f"model.pretrained_unet={base}", "lora.rank=4", "lora.alpha=8", "lora.kohya=true",
+        f"train.output_dir={tmp_path / 'run'}", "train.batch_size=4", "train.max_steps=6", "train.warmup_steps=0",
+        "train.learning_rate=1e-2", "train.use_ema=false", "train.validation_every=0"])
+    lora_file = train(config)
+    assert lora_file == tmp_path / "run" / LORA_FILE and (tmp_path / "run" / KOHYA_FILE).is_file()
+
+    ours = LdmPipeline.from_pretrained(base)
+    ours.set_progress_bar_config(disable=True)
+    before = generate(ours)
+    ours.load_lora_weights(lora_file)
+    components = tiny_components("diffusers")
+    theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(str(tmp_path / "run"), weight_name=LORA_FILE)
+    after = generate(ours)
+    assert np.abs(after - before).max() > 1e-4  # training moved the adapters
+    np.testing.assert_allclose(
+        theirs("a red circle", num_inference_steps=3, guidance_scale=5.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images, after, atol=1e-4)
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ldm_app", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_finetune_cli_trains_writes_outputs_and_leaves_the_base_untouched(tmp_path):
+    base = tmp_path / "base"
+    tiny_pipeline().save_pretrained(base)
+    hashes = tree_hashes(base)
+    photos = write_toy_dataset(tmp_path / "photos", n=4, layout="sidecar", corrupt=1)
+    (photos / "notes.md").write_text("not an image")
+    out = tmp_path / "lora"
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--steps", "4", "--batch-size", "2", "--rank", "4",
+            "--format", "kohya", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 non-image file(s) and 1 unreadable image(s)" in r.stderr
+    for name in (LORA_FILE, KOHYA_FILE, "config.yaml", "before_after.png"):
+        assert (out / name).is_file() and str(out / name) in r.stdout
+    assert tree_hashes(base) == hashes
+    assert load_file(out / LORA_FILE)
+
+    # the LoRA is usable from generate, and a second run into the same folder needs --resume
+    r = cli("generate", "a red circle", "--model", str(base), "--lora", f"{out}:0.5", "--steps", "2",
+            "-o", str(tmp_path / "x.png"), "-q")
+    assert r.returncode == 0, r.stderr
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--steps", "4", "-o", str(out))
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+
+@pytest.mark.parametrize("content", ["empty", "only-broken"])
+def test_finetune_cli_without_usable_images_is_exit_2(tmp_path, content):
+    base = tmp_path / "base"
+    tiny_pipeline().save_pretrained(base)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    if content == "only-broken":
+        (photos / "a.jpg").write_bytes(b"garbage")
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--prompt", "sks", "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "No usable image" in r.stderr and "Traceback" not in r.stderr
