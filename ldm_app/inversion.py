@@ -168,8 +168,8 @@ def null_text_invert(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, num
     """Null-text inversion (Mokady et al. 2022, Algorithm 1): the w = 1 DDIM trajectory x*_0 … x*_T is the pivot;
     at each sampling step t, Adam tunes ∅_t so that the guided DDIM step from x̄_t lands on x*_{t-1}.
 
-    Stops a step's inner loop early once the loss is below `early_stop_epsilon` (relaxed by 2e-5 per step, as
-    in the authors' code). Returns x_T, the per-step ∅_t and the reconstruction they give.
+    A step's inner loop stops early once the loss is below `early_stop_epsilon`, relaxed linearly with the step
+    as in the authors' code (0 turns early stopping off). Returns x_T, the per-step ∅_t and the reconstruction.
     """
     if guidance_scale <= 1:
         raise ValueError(f"guidance_scale={guidance_scale}: null-text inversion is for w > 1; at w ≤ 1 the null "
@@ -201,11 +201,11 @@ def null_text_invert(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, num
                 (null.grad,) = torch.autograd.grad(loss, [null])  # grads for ∅ only, none for the UNet weights
                 optimizer.step()
                 progress.update()
-                if loss.item() < early_stop_epsilon + i * 2e-5:
+                if loss.item() < early_stop_epsilon * (1 + 2 * i):  # the authors' ε + 2e-5·i for ε = 1e-5
                     break
             progress.update(num_inner_steps - 1 - j)
             null = null.detach()
-            null_embeds.append(null.to(cond.dtype))
+            null_embeds.append(null.to(cond.dtype, copy=True))  # a copy: the next step's Adam updates `null` in place
             with torch.no_grad():  # the guided step with the tuned ∅_t gives the next x̄_t
                 eps_uncond = unet(x_t, t, encoder_hidden_states=null.to(cond.dtype), return_dict=False)[0]
                 x_t = scheduler.step(eps_uncond + w * (eps_cond - eps_uncond), t, x_t, return_dict=False)[0]

@@ -84,7 +84,7 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
             raise ValueError(f"The embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall ldm-app "
                              "or pass a model folder or hub id.")
-        return cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)
+        return cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs).to(torch.float32)  # shipped in fp16
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, **kwargs: Any) -> None:

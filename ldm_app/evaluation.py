@@ -1,0 +1,37 @@
+"""Metrics for generated images: PSNR, CLIP R-precision and the Fréchet distance in a feature space."""
+
+from __future__ import annotations
+
+import torch
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image, for images in [0, 1] shaped (B, C, H, W)."""
+    mse = (a.float() - b.float()).square().flatten(1).mean(1).clamp(min=1e-12)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def r_precision(image_features: torch.Tensor, text_features: torch.Tensor, distractors: torch.Tensor) -> float:
+    """Share of images whose own caption scores highest among it and its distractor captions.
+
+    image_features (N, D) and text_features (N, D) are L2-normalised pairs; distractors (N, K) index rows of
+    text_features used as the K wrong candidates for each image.
+    """
+    candidates = torch.cat([torch.arange(len(image_features))[:, None], distractors], dim=1)  # (N, 1+K), true first
+    scores = torch.einsum("nd,nkd->nk", image_features, text_features[candidates])
+    return (scores.argmax(dim=1) == 0).float().mean().item()
+
+
+def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½) between Gaussians fitted to two feature sets (FID's formula)."""
+    a, b = features_a.double(), features_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = _sqrtm_psd(cov_a)
+    cross = _sqrtm_psd(root_a @ cov_b @ root_a)
+    return ((mu_a - mu_b).square().sum() + torch.trace(cov_a + cov_b - 2 * cross)).item()

@@ -1,0 +1,76 @@
+"""Assemble the embedded default model: a trained pipeline folder → fp16 safetensors inside the package.
+
+    python training/default_model/assemble.py [--pipeline ~/ldm-runs/unet/pipeline] [--out ldm_app/default_model]
+
+Writes into a temp folder and renames, so the shipped model is never half-written. Adds the model card
+(README.md) with the art licences, repeated from NOTICE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ldm_app import LdmPipeline
+
+HERE = Path(__file__).resolve().parent
+MAX_MB = 40
+
+CARD = """# ldm-app default model
+
+A small text-to-image latent diffusion model trained by the ldm-app project on openly licensed emoji art,
+so that `ldm-app generate "a cat"` works offline on a CPU. 64×64 images.
+
+| component | what | parameters |
+|---|---|---|
+| vae | diffusers `AutoencoderKL`, f=4 (64×64×3 → 16×16×4), trained from scratch | {vae} |
+| text_encoder | transformers `CLIPTextModel`, the text tower of a small CLIP trained contrastively on the captions | {text} |
+| tokenizer | `CLIPTokenizer` (byte-level BPE, vocab.json + merges.txt) trained on the captions | vocabulary {vocab} |
+| unet | ldm-app `LdmUNet` (`small` preset), ε-prediction, EMA weights after {step} steps | {unet} |
+| scheduler | `DDIMScheduler`, scaled-linear β, 1000 training steps | |
+
+Recipe: `training/default_model/README.md` (data → VAE → CLIP → UNet → assemble → evaluate).
+Weights are stored in fp16 and loaded in fp32 on CPUs.
+
+## Licences and attribution of the training data
+
+{notice}
+"""
+
+
+def count(module: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", type=Path, default=Path("~/ldm-runs/unet/pipeline"))
+    parser.add_argument("--out", type=Path, default=HERE.parents[1] / "ldm_app" / "default_model")
+    args = parser.parse_args()
+    source, out = args.pipeline.expanduser(), args.out
+
+    pipe = LdmPipeline.from_pretrained(source)
+    step = json.loads((source / "training_step.json").read_text())["step"] if (source / "training_step.json").is_file() else "?"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").write_text(CARD.format(
+        vae=count(pipe.vae), text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), unet=count(pipe.unet),
+        step=step, notice=(HERE / "NOTICE").read_text().strip()))
+    shutil.copy(HERE / "NOTICE", tmp / "NOTICE")
+    size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 2**20
+    if size_mb > MAX_MB:
+        raise SystemExit(f"assembled model is {size_mb:.1f} MB, over the {MAX_MB} MB budget; use a smaller preset")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"{out}: {size_mb:.1f} MB, UNet step {step}")
+
+
+if __name__ == "__main__":
+    main()
