@@ -216,7 +216,8 @@ def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt
     if grid_path is not None and grid_path.exists() and not overwrite:
         raise UserError(f"{grid_path} already exists; pass --overwrite or choose another --output.")
     pipe = load_pipeline(model, dev, pick_dtype(dtype, dev), quiet)
-    height, width = height or pipe.default_size, width or pipe.default_size
+    height = pipe.default_size if height is None else height
+    width = pipe.default_size if width is None else width
     check_size("height", height, pipe.vae_scale_factor)
     check_size("width", width, pipe.vae_scale_factor)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
@@ -329,3 +330,5 @@ def main() -> None:
 
     app()
 
+
+from . import cli_inversion  # noqa: E402,F401  (registers invert, edit)

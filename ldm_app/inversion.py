@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +107,6 @@ def vae_round_trip(pipe: LdmPipeline, pixels: torch.Tensor) -> torch.Tensor:
     return pipe.decode_latents(pipe.encode_image(pixels)).clamp(-1, 1)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of two images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.float().cpu(), b.float().cpu()).item()
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Inversion
 
@@ -173,7 +166,7 @@ def null_text_invert(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, num
     """
     if guidance_scale <= 1:
         raise ValueError(f"guidance_scale={guidance_scale}: null-text inversion is for w > 1; at w ≤ 1 the null "
-                         "embedding has no effect, so use method='ddim'.")
+                         "embedding has no effect, so invert with the 'ddim' method.")
     if num_inner_steps < 1:
         raise ValueError(f"num_inner_steps={num_inner_steps}; use at least 1 (10 is the paper's).")
     unet, w = pipe.unet, guidance_scale
@@ -311,6 +304,11 @@ def _sample(pipe: LdmPipeline, inversion: Inversion, cond: torch.Tensor,
     if inversion.latents.shape[0] != inversion.num_inference_steps + 1:
         raise ValueError(f"The inversion holds {inversion.latents.shape[0]} latents for {inversion.num_inference_steps} "
                          "steps; it is corrupt, invert the image again.")
+    size = pipe.unet.config.sample_size
+    expected = (pipe.unet.config.in_channels, size, size)
+    if tuple(inversion.x_T.shape[1:]) != expected:
+        raise ValueError(f"The inversion's latents are {tuple(inversion.x_T.shape[1:])} but this model's are {expected}; "
+                         f"use the model it was made with ({inversion.model or 'not recorded'}).")
     w, b = inversion.guidance_scale, cond.shape[0]
     do_cfg = w > 1
     if inversion.method == "null-text":

@@ -236,8 +236,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         replacement tensors (e.g. `{"latents": ...}`). `output_type="latent"` skips the VAE decode.
         """
         # 1. Check inputs
-        height = height or self.default_size
-        width = width or self.default_size
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale)
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         device = self._execution_device

@@ -1,0 +1,200 @@
+"""`ldm-app invert IMAGE` and `ldm-app edit IMAGE`: real images into the model's noise, and prompt edits of them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+
+from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, pick_device
+from .data import decode_image
+from .evaluation import psnr
+from .inversion import METHODS, Inversion, edit, invert, prepare_image, vae_round_trip
+
+INVERT_EXAMPLES = """
+
+\b
+Examples:
+  ldm-app invert heart.png --prompt "a red heart"
+  ldm-app invert heart.png --prompt "a red heart" --method null-text --reconstruction recon.png
+  ldm-app invert photo.jpg --prompt "a cat" --method ddim --guidance 1 -o cat.safetensors --model ./run/pipeline
+"""
+
+EDIT_EXAMPLES = """
+
+\b
+Examples:
+  ldm-app edit heart.png --source-prompt "a red heart" --target-prompt "a blue heart" -o blue.png
+  ldm-app edit heart.png --source-prompt "a red heart" --target-prompt "a red star" --method null-text
+  ldm-app invert heart.png --prompt "a red heart" -o heart.safetensors
+  ldm-app edit --inversion heart.safetensors --target-prompt "a green heart" -o green.png
+"""
+
+METHOD_HELP = ("ddim: plain DDIM inversion (exact only at guidance 1); null-text: Mokady et al. 2022, tunes the "
+               "unconditional embedding per step (slow, best); negative-prompt: Miyake et al. 2023, the prompt as "
+               "negative prompt (fast).")
+
+
+def read_image(path: Path) -> PIL.Image.Image:
+    """The image at `path` as RGB with EXIF orientation applied, or a one-line error."""
+    if not path.is_file():
+        raise UserError(f"IMAGE {path}: no such file; pass an image file (PNG, JPEG, WebP, ...).")
+    image = decode_image({"path": str(path), "bytes": None})
+    if image is None:
+        raise UserError(f"IMAGE {path} cannot be read as an image; pass a PNG, JPEG, WebP, ... file.")
+    return image
+
+
+def check_output(path: Path | None, overwrite: bool) -> None:
+    if path is None:
+        return
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"Output folder {path.parent} does not exist or is not writable; pick another path for {path.name}.")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite or choose another output path.")
+
+
+def write_png(image: PIL.Image.Image, path: Path) -> None:
+    """Atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def run_inversion(pipe, image: PIL.Image.Image, prompt: str, method: str, steps: int, guidance: float | None,
+                  inner_steps: int, note) -> Inversion:
+    """`inversion.invert` with library errors as one-line user errors, and a note when the image was resized."""
+    extra = {"num_inner_steps": inner_steps} if method == "null-text" else {}
+    try:
+        inversion = invert(pipe, image, prompt, method, steps, guidance, **extra)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if inversion.original_size is not None:
+        w, h = inversion.original_size
+        note(f"note: the {w}x{h} image was resized and center-cropped to the model's {pipe.default_size}x"
+             f"{pipe.default_size}")
+    return inversion
+
+
+def unit(image: PIL.Image.Image) -> torch.Tensor:
+    """PIL → (1, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+@app.command("invert", epilog=INVERT_EXAMPLES)
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--prompt", required=True, help="A caption of the image: the source prompt it is inverted with.")
+@click.option("--method", type=click.Choice(METHODS), default="negative-prompt", help=METHOD_HELP)
+@click.option("--steps", type=click.IntRange(1, 1000), default=50, help="DDIM steps.")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+              help="Guidance scale w that reconstruction and edits sample with.  [default: 1 for ddim, 5 otherwise]")
+@click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
+@click.option("--model", default=DEFAULT_MODEL, help="Pipeline folder or hub id ('default' = the embedded model).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("inversion.safetensors"),
+              help="Where the inversion goes (for ldm-app edit --inversion).")
+@click.option("--reconstruction", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the reconstruction sampled back from x_T as this PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: float | None, inner_steps: int,
+                   model: str, output: Path, reconstruction: Path | None, overwrite: bool, device: str,
+                   quiet: bool) -> None:
+    """Invert IMAGE into the model's noise x_T, save it, and print how well it reconstructs (PSNR)."""
+    note = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    # 1. Inputs and outputs, all checked before any work
+    picture = read_image(image)
+    check_output(output, overwrite)
+    check_output(reconstruction, overwrite)
+    pipe = load_pipeline(model, pick_device(device), torch.float32, quiet)  # fp32: inversion amplifies rounding
+
+    # 2. Invert, then write the inversion and the reconstruction
+    inversion = run_inversion(pipe, picture, prompt, method, steps, guidance, inner_steps, note)
+    inversion.model = model
+    inversion.save(output)
+    click.echo(f"wrote {output}")
+    if reconstruction is not None:
+        write_png(inversion.reconstruction, reconstruction)
+        click.echo(f"wrote {reconstruction}")
+
+    # 3. PSNR of the reconstruction against the input, and of the VAE alone (no inversion can do better)
+    pixels, _ = prepare_image(pipe, picture)
+    target, vae_only = pixels / 2 + 0.5, vae_round_trip(pipe, pixels).cpu() / 2 + 0.5
+    recon = unit(inversion.reconstruction)
+    click.echo(f"PSNR reconstruction vs input: {psnr(recon, target).item():.2f} dB")
+    click.echo(f"PSNR reconstruction vs VAE round trip: {psnr(recon, vae_only).item():.2f} dB")
+    click.echo(f"PSNR VAE round trip vs input (the ceiling): {psnr(vae_only, target).item():.2f} dB")
+
+
+@app.command("edit", epilog=EDIT_EXAMPLES)
+@click.argument("image", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--source-prompt", default=None, help="A caption of IMAGE (with --inversion it comes from the file).")
+@click.option("--target-prompt", required=True, help="The edited caption, e.g. the source prompt with a word swapped.")
+@click.option("--inversion", "inversion_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Edit from a file written by ldm-app invert instead of IMAGE.")
+@click.option("--method", type=click.Choice(METHODS), default="negative-prompt", help=METHOD_HELP)
+@click.option("--cross-attention-steps", type=click.FloatRange(0, 1), default=0.8,
+              help="Prompt-to-Prompt: fraction of steps in which the edit reuses the source's cross-attention maps.")
+@click.option("--self-attention-steps", type=click.FloatRange(0, 1), default=0.4,
+              help="Prompt-to-Prompt: fraction of steps in which it reuses the source's self-attention maps.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=50, help="DDIM steps.")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+              help="Guidance scale w.  [default: 1 for ddim, 5 otherwise]")
+@click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
+@click.option("--model", default=DEFAULT_MODEL,
+              help="Pipeline folder or hub id ('default' = the embedded model; with --inversion: the one it was made with).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("edited.png"),
+              help="The edited image (PNG).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@click.pass_context
+def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | None, target_prompt: str,
+                 inversion_file: Path | None, method: str, cross_attention_steps: float, self_attention_steps: float,
+                 steps: int, guidance: float | None, inner_steps: int, model: str, output: Path, overwrite: bool,
+                 device: str, quiet: bool) -> None:
+    """Edit IMAGE (or a saved inversion) by regenerating it with --target-prompt, keeping its layout."""
+    note = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    # 1. Inputs: either IMAGE + --source-prompt, or --inversion (which fixes prompt, method, steps and guidance)
+    given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+    if inversion_file is not None:
+        if image is not None:
+            raise UserError("Pass IMAGE or --inversion, not both.")
+        clash = sorted(given & {"source_prompt", "method", "steps", "guidance", "inner_steps"})
+        if clash:
+            raise UserError(f"--{clash[0].replace('_', '-')} is stored in the inversion file; leave it out with --inversion.")
+        if not inversion_file.is_file():
+            raise UserError(f"--inversion {inversion_file}: no such file; pass a file written by ldm-app invert.")
+        try:
+            inversion = Inversion.load(inversion_file)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if "model" not in given and inversion.model:
+            model = inversion.model
+    elif image is None:
+        raise UserError("No IMAGE given; pass an image and --source-prompt, or --inversion FILE from ldm-app invert.")
+    elif source_prompt is None:
+        raise UserError("--source-prompt is missing; pass a caption of IMAGE, e.g. --source-prompt \"a red heart\".")
+    else:
+        picture = read_image(image)
+    check_output(output, overwrite)
+    pipe = load_pipeline(model, pick_device(device), torch.float32, quiet)
+
+    # 2. Invert (unless loaded), then sample with the target prompt
+    if inversion_file is None:
+        inversion = run_inversion(pipe, picture, source_prompt, method, steps, guidance, inner_steps, note)
+    try:
+        edited = edit(pipe, inversion, target_prompt, cross_attention_steps, self_attention_steps)[0]
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    write_png(edited, output)
+    click.echo(str(output))
