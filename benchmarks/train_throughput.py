@@ -111,7 +111,7 @@ def main() -> None:
     unet = unet.to(memory_format=torch.channels_last)  # train.channels_last (the trainer's default)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     example_optimizer = torch.optim.AdamW(example_unet.parameters(), lr=1e-4)
-    cached, fresh = CachedBatches(encoded, 0, False), EncodingBatches(ds, cfg.data, 0, vae, tokenizer, text_encoder)
+    cached, fresh = CachedBatches(encoded, 0, cfg.data), EncodingBatches(ds, cfg.data, 0, vae, tokenizer, text_encoder)
     g = torch.Generator().manual_seed(0)
     b, scaling = args.batch, vae.config.scaling_factor
     runners = {

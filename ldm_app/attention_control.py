@@ -48,7 +48,8 @@ class PromptToPromptProcessor:
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
-        unsupported = [n for n in ("spatial_norm", "group_norm", "norm_q", "norm_k") if getattr(attn, n, None) is not None]
+        unsupported = [n for n in ("spatial_norm", "group_norm", "norm_q", "norm_k")
+                       if getattr(attn, n, None) is not None]
         if unsupported or hidden_states.ndim != 3:
             raise ValueError(f"Prompt-to-Prompt supports SD-1.x style transformer attention only (this attention "
                              f"has {unsupported or '4-D inputs'}); edit with cross_attention_steps=0 instead.")

@@ -46,10 +46,13 @@ class ExampleChoice:
     flip: bool
 
 
-def example_choice(seed: int, position: int, num_captions: int, random_flip: bool) -> ExampleChoice:
+def example_choice(seed: int, position: int, num_captions: int, num_main: int, cfg: DataConfig) -> ExampleChoice:
+    """Caption variant (a tag caption with probability cfg.tag_probability, if there are any) and flip."""
     g = seeded_generator(seed, 2, position)
-    caption = int(torch.randint(num_captions, (1,), generator=g))
-    flip = bool(torch.rand(1, generator=g) < 0.5) and random_flip
+    use_tag = bool(torch.rand(1, generator=g) < cfg.tag_probability) and num_captions > num_main
+    lo, hi = (num_main, num_captions) if use_tag else (0, num_main)
+    caption = lo + int(torch.randint(hi - lo, (1,), generator=g))
+    flip = bool(torch.rand(1, generator=g) < 0.5) and cfg.random_flip
     return ExampleChoice(caption, flip)
 
 
@@ -68,8 +71,8 @@ def positions(micro_step: int, batch_size: int, rank: int, world: int) -> range:
 class CachedBatches:
     """Batches gathered from the encoded cache: no VAE or text encoder work at all."""
 
-    def __init__(self, encoded: EncodedDataset, seed: int, random_flip: bool):
-        self.encoded, self.seed, self.random_flip = encoded, seed, random_flip
+    def __init__(self, encoded: EncodedDataset, seed: int, cfg: DataConfig):
+        self.encoded, self.seed, self.cfg = encoded, seed, cfg
         self.order = EpochOrder(len(encoded), seed)
 
     def __call__(self, micro_step: int, batch_size: int, rank: int, world: int) -> Batch:
@@ -78,7 +81,7 @@ class CachedBatches:
         for p in positions(micro_step, batch_size, rank, world):
             i = self.order[p]
             lo, hi = int(e.caption_offsets[i]), int(e.caption_offsets[i + 1])
-            choice = example_choice(self.seed, p, hi - lo, self.random_flip)
+            choice = example_choice(self.seed, p, hi - lo, int(e.caption_main[i]), self.cfg)
             idx.append(i), rows.append(int(e.caption_index[lo + choice.caption])), flips.append(choice.flip)
         idx_t, flip_t = torch.tensor(idx), torch.tensor(flips)[:, None, None, None]
         mean, std = e.mean[idx_t], e.std[idx_t]
@@ -104,8 +107,8 @@ class _PositionDataset(torch.utils.data.Dataset):
             example = self.ds[(index + skipped) % len(self.ds)]
             image = decode_image(example["image"])
             if image is not None:
-                variants = caption_variants(example, self.cfg)
-                choice = example_choice(self.seed, position, len(variants), self.cfg.random_flip)
+                variants, num_main = caption_variants(example, self.cfg)
+                choice = example_choice(self.seed, position, len(variants), num_main, self.cfg)
                 x = preprocess(image, self.cfg.resolution, self.cfg.center_crop, choice.flip,
                                seeded_generator(self.seed, 3, position))
                 return x, variants[choice.caption], skipped
@@ -180,16 +183,16 @@ class StreamingBatches:
             if image is None:
                 self.skipped += 1
                 continue
-            return image, caption_variants(example, self.cfg)
+            return image, *caption_variants(example, self.cfg)
 
     def __call__(self, micro_step: int, batch_size: int, rank: int, world: int) -> Batch:
         while self._position < micro_step * batch_size:  # resume: skip what earlier steps consumed
             self._next_example()
         images, captions = [], []
         for _ in range(batch_size):
-            image, variants = self._next_example()
+            image, variants, num_main = self._next_example()
             p = self._position * world + rank
-            choice = example_choice(self.seed, p, len(variants), self.cfg.random_flip)
+            choice = example_choice(self.seed, p, len(variants), num_main, self.cfg)
             images.append(preprocess(image, self.cfg.resolution, self.cfg.center_crop, choice.flip,
                                      seeded_generator(self.seed, 3, p)))
             captions.append(variants[choice.caption])

@@ -59,6 +59,7 @@ class EncodedDataset:
     flipped_std: torch.Tensor | None
     caption_offsets: torch.Tensor  # (N + 1,) example i's captions are caption_index[offsets[i]:offsets[i+1]]
     caption_index: torch.Tensor  # (M,) rows of text_states
+    caption_main: torch.Tensor  # (N,) how many of example i's captions come from its caption (the rest: tags)
     text_states: torch.Tensor  # (U, T, D)
     skipped: int  # images that failed to decode
 
@@ -66,7 +67,8 @@ class EncodedDataset:
         return self.mean.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {k: getattr(self, k) for k in ("mean", "std", "caption_offsets", "caption_index", "text_states")}
+        out = {k: getattr(self, k) for k in ("mean", "std", "caption_offsets", "caption_index", "caption_main",
+                                                "text_states")}
         if self.flipped_mean is not None:
             out |= {"flipped_mean": self.flipped_mean, "flipped_std": self.flipped_std}
         return {k: v.contiguous() for k, v in out.items()}
@@ -75,7 +77,7 @@ class EncodedDataset:
 def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
                           text_encoder: CLIPTextModel, batch_size: int = 32, progress: bool = True) -> EncodedDataset:
     """One pass over the data through both frozen encoders."""
-    means, stds, fmeans, fstds, per_example = [], [], [], [], []
+    means, stds, fmeans, fstds, per_example, mains = [], [], [], [], [], []
     skipped: list[int] = []
     captions: dict[str, int] = {}
     batch: list[torch.Tensor] = []
@@ -93,6 +95,7 @@ def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: Autoencode
                         disable=not progress):
         batch.append(example.image)
         per_example.append([captions.setdefault(c, len(captions)) for c in example.captions])
+        mains.append(example.num_main)
         if len(batch) == batch_size:
             flush()
     if batch:
@@ -108,6 +111,7 @@ def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: Autoencode
         mean=torch.cat(means), std=torch.cat(stds),
         flipped_mean=torch.cat(fmeans) if fmeans else None, flipped_std=torch.cat(fstds) if fstds else None,
         caption_offsets=counts.cumsum(0), caption_index=torch.tensor([i for c in per_example for i in c]),
+        caption_main=torch.tensor(mains),
         text_states=states, skipped=len(skipped))
 
 

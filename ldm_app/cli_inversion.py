@@ -54,7 +54,8 @@ def check_output(path: Path | None, overwrite: bool) -> None:
     if path is None:
         return
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise UserError(f"Output folder {path.parent} does not exist or is not writable; pick another path for {path.name}.")
+        raise UserError(f"Output folder {path.parent} does not exist or is not writable; pick another path for "
+                        f"{path.name}.")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; pass --overwrite or choose another output path.")
 
@@ -151,7 +152,8 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
               help="Guidance scale w.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
 @click.option("--model", default=DEFAULT_MODEL,
-              help="Pipeline folder or hub id ('default' = the embedded model; with --inversion: the one it was made with).")
+              help="Pipeline folder or hub id ('default' = the embedded model; with --inversion: the one it was "
+                   "made with).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("edited.png"),
               help="The edited image (PNG).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
@@ -171,7 +173,8 @@ def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | No
             raise UserError("Pass IMAGE or --inversion, not both.")
         clash = sorted(given & {"source_prompt", "method", "steps", "guidance", "inner_steps"})
         if clash:
-            raise UserError(f"--{clash[0].replace('_', '-')} is stored in the inversion file; leave it out with --inversion.")
+            option = "--" + clash[0].replace("_", "-")
+            raise UserError(f"{option} is stored in the inversion file; leave it out with --inversion.")
         if not inversion_file.is_file():
             raise UserError(f"--inversion {inversion_file}: no such file; pass a file written by ldm-app invert.")
         try:

@@ -25,6 +25,7 @@ class DataConfig:
     tags_column: str | None = None  # optional column of extra short captions (e.g. emoji tags), sampled too
     caption_templates: list[str] = field(default_factory=lambda: ["{}"])  # applied to the caption, e.g. "a {}"
     tag_templates: list[str] = field(default_factory=lambda: ["{}"])  # applied to each tag
+    tag_probability: float = 0.3  # chance that a step uses one of an example's tag captions instead of its caption
     resolution: int = 64  # images are resized (shorter side) and cropped to this square size
     center_crop: bool = True  # center crop; False = random crop (not cacheable)
     random_flip: bool = False  # horizontal flip; off by default because captions may say left/right

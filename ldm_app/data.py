@@ -61,14 +61,16 @@ def load_image_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableD
     return ds
 
 
-def caption_variants(example: dict[str, Any], cfg: DataConfig) -> list[str]:
-    """Every caption an example may be trained with: templates over its caption(s), and over its tags."""
+def caption_variants(example: dict[str, Any], cfg: DataConfig) -> tuple[list[str], int]:
+    """Every caption an example may be trained with — templates over its caption(s), then over its tags — and
+    how many of them come from the caption itself (the rest are tag captions)."""
     main = example[cfg.caption_column]
     mains = [main] if isinstance(main, str) else list(main)
     tags = list(example.get(cfg.tags_column) or []) if cfg.tags_column else []
-    variants = [t.format(m) for m in mains for t in cfg.caption_templates]
-    variants += [t.format(tag) for tag in tags for t in cfg.tag_templates]
-    return list(dict.fromkeys(v.strip() for v in variants if v.strip())) or [""]
+    unique = lambda texts: list(dict.fromkeys(t.strip() for t in texts if t.strip()))  # noqa: E731
+    from_caption = unique(t.format(m) for m in mains for t in cfg.caption_templates) or [""]
+    from_tags = [v for v in unique(t.format(tag) for tag in tags for t in cfg.tag_templates) if v not in from_caption]
+    return from_caption + from_tags, len(from_caption)
 
 
 def decode_image(value: Any) -> PIL.Image.Image | None:
@@ -118,7 +120,8 @@ def preprocess(image: PIL.Image.Image, resolution: int, center_crop: bool = True
 @dataclass
 class Example:
     image: torch.Tensor  # (3, R, R) in [-1, 1]
-    captions: list[str]
+    captions: list[str]  # caption variants, those from the caption first, then those from tags
+    num_main: int  # how many variants come from the caption
 
 
 def iter_examples(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig,
@@ -131,7 +134,7 @@ def iter_examples(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConf
             if skipped is not None:
                 skipped.append(1)
             continue
-        yield Example(preprocess(image, cfg.resolution), caption_variants(example, cfg))
+        yield Example(preprocess(image, cfg.resolution), *caption_variants(example, cfg))
 
 
 def dataset_fingerprint(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig) -> str:
@@ -141,4 +144,4 @@ def dataset_fingerprint(ds: datasets.Dataset | datasets.IterableDataset, cfg: Da
     files = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local.rglob("*") if p.is_file()) \
         if local.is_dir() else []
     return json.dumps([fp, files, cfg.path, cfg.split, cfg.caption_column, cfg.tags_column, cfg.caption_templates,
-                       cfg.tag_templates, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.max_samples])
+                       cfg.tag_templates, cfg.tag_probability, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.max_samples])

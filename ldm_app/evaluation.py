@@ -11,13 +11,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
-def r_precision(image_features: torch.Tensor, text_features: torch.Tensor, distractors: torch.Tensor) -> float:
-    """Share of images whose own caption scores highest among it and its distractor captions.
+def r_precision(image_features: torch.Tensor, text_features: torch.Tensor, true_index: torch.Tensor,
+                distractors: torch.Tensor) -> float:
+    """Share of images whose own caption scores highest among it and its K distractor captions.
 
-    image_features (N, D) and text_features (N, D) are L2-normalised pairs; distractors (N, K) index rows of
-    text_features used as the K wrong candidates for each image.
+    image_features (N, D) and text_features (M, D, a pool of captions) are L2-normalised; true_index (N,) is
+    each image's caption in the pool, distractors (N, K) the wrong candidates.
     """
-    candidates = torch.cat([torch.arange(len(image_features))[:, None], distractors], dim=1)  # (N, 1+K), true first
+    candidates = torch.cat([true_index[:, None], distractors], dim=1)  # (N, 1+K), the true caption first
     scores = torch.einsum("nd,nkd->nk", image_features, text_features[candidates])
     return (scores.argmax(dim=1) == 0).float().mean().item()
 

@@ -6,7 +6,7 @@
 - Null-text inversion (Mokady et al. 2022): keep the w = 1 trajectory as a pivot and optimise, per step, the
   unconditional embedding ∅_t so that guided sampling retraces it.
 - Negative-prompt inversion (Miyake et al. 2023): use the source prompt's embedding as the unconditional one,
-  so ε̂ = ε(x_t, c) + w · (ε(x_t, c) − ε(x_t, c)) = ε(x_t, c) retraces the w = 1 trajectory with no optimisation.
+  so ε̂ = ε(x_t, c) + w · (ε(x_t, c) − ε(x_t, c)) = ε(x_t, c) retraces the w = 1 trajectory, no optimisation.
 - Editing: sample from x_T with a target prompt, optionally with Prompt-to-Prompt attention injection
   (see `attention_control`).
 """
@@ -77,7 +77,8 @@ class Inversion:
                 meta = (f.metadata() or {}).get(METADATA_KEY)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-            raise ValueError(f"Cannot read {path} as safetensors ({err}); pass a file written by ldm-app invert.") from None
+            raise ValueError(f"Cannot read {path} as safetensors ({err}); pass a file written by ldm-app "
+                             "invert.") from None
         if meta is None:
             raise ValueError(f"{path} holds no inversion metadata; pass a file written by ldm-app invert.")
         meta = json.loads(meta)
@@ -232,7 +233,8 @@ def edit(pipe: LdmPipeline, inversion: Inversion, target_prompt: str, cross_atte
     cross-attention maps (Prompt-to-Prompt), and for the first `self_attention_steps` its self-attention maps;
     0 and 0 is a plain prompt swap. Returns what `LdmPipeline(...).images` would for `output_type`.
     """
-    for name, value in (("cross_attention_steps", cross_attention_steps), ("self_attention_steps", self_attention_steps)):
+    for name, value in (("cross_attention_steps", cross_attention_steps),
+                        ("self_attention_steps", self_attention_steps)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name}={value} is a fraction of the steps; use a value in [0, 1] (e.g. 0.8).")
     cross_steps = int(cross_attention_steps * inversion.num_inference_steps)
@@ -302,13 +304,13 @@ def _sample(pipe: LdmPipeline, inversion: Inversion, cond: torch.Tensor,
     unconditional embedding at every step. Returns x_0 (B, C, h, w)."""
     scheduler = _sampler(pipe, inversion.num_inference_steps)
     if inversion.latents.shape[0] != inversion.num_inference_steps + 1:
-        raise ValueError(f"The inversion holds {inversion.latents.shape[0]} latents for {inversion.num_inference_steps} "
-                         "steps; it is corrupt, invert the image again.")
+        raise ValueError(f"The inversion holds {inversion.latents.shape[0]} latents for "
+                         f"{inversion.num_inference_steps} steps; it is corrupt, invert the image again.")
     size = pipe.unet.config.sample_size
     expected = (pipe.unet.config.in_channels, size, size)
     if tuple(inversion.x_T.shape[1:]) != expected:
-        raise ValueError(f"The inversion's latents are {tuple(inversion.x_T.shape[1:])} but this model's are {expected}; "
-                         f"use the model it was made with ({inversion.model or 'not recorded'}).")
+        raise ValueError(f"The inversion's latents are {tuple(inversion.x_T.shape[1:])} but this model's are "
+                         f"{expected}; use the model it was made with ({inversion.model or 'not recorded'}).")
     w, b = inversion.guidance_scale, cond.shape[0]
     do_cfg = w > 1
     if inversion.method == "null-text":

@@ -175,7 +175,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
                                 lambda: build_encoded_dataset(ds, config.data, vae, tokenizer, text_encoder))
         accelerator.wait_for_everyone()
         encoded = load_or_build_cache(out / "cache", key, lambda: None)
-        batches = CachedBatches(encoded, t.seed, config.data.random_flip)
+        batches = CachedBatches(encoded, t.seed, config.data)
     elif config.data.streaming:
         batches = StreamingBatches(ds, config.data, t.seed, rank, world, vae, tokenizer, text_encoder)
     else:

@@ -24,4 +24,4 @@ def test_r_precision_counts_top_choices():
     images = torch.eye(4)
     images[3] = text[0]  # image 3 looks like caption 0
     distractors = torch.tensor([[1, 2], [0, 2], [0, 1], [0, 1]])
-    assert r_precision(images, text, distractors) == 0.75
+    assert r_precision(images, text, torch.arange(4), distractors) == 0.75

@@ -39,7 +39,7 @@ def fixed_batch_loss(unet, config, inputs) -> float:
     vae = load_vae(inputs / "model", "vae")
     tok, te = load_tokenizer(inputs / "model", "tokenizer"), load_text_encoder(inputs / "model", "text_encoder")
     encoded = build_encoded_dataset(load_image_dataset(config.data), config.data, vae, tok, te, progress=False)
-    batch = CachedBatches(encoded, 0, False)(0, 32, 0, 1)
+    batch = CachedBatches(encoded, 0, config.data)(0, 32, 0, 1)
     empty = te(tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[0]
     with torch.no_grad():
         return training_loss(unet.eval(), noise_scheduler(config.objective), batch, empty, config.objective,
@@ -70,7 +70,7 @@ def test_cache_gives_the_same_batches_and_loss_as_encoding_every_step(inputs):
     vae = load_vae(inputs / "model", "vae")
     tok, te = load_tokenizer(inputs / "model", "tokenizer"), load_text_encoder(inputs / "model", "text_encoder")
     ds = load_image_dataset(config.data)
-    cached = CachedBatches(build_encoded_dataset(ds, config.data, vae, tok, te, progress=False), 0, True)
+    cached = CachedBatches(build_encoded_dataset(ds, config.data, vae, tok, te, progress=False), 0, config.data)
     fresh = EncodingBatches(ds, config.data, 0, vae, tok, te)
     empty = torch.zeros(1, tok.model_max_length, 32)
     torch.manual_seed(0)
