@@ -241,7 +241,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         if step % t.log_every == 0:
             accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate},
                             step=step)
-        out_of_time = t.max_minutes is not None and elapsed > 60 * t.max_minutes
+        out_of_time = t.max_minutes is not None and bool(accelerator.reduce(  # all processes stop together
+            torch.tensor(float(elapsed > 60 * t.max_minutes), device=accelerator.device), "max"))
         if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
             save_checkpoint(accelerator, ckpt_dir, step, t.keep_checkpoints)
         if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
