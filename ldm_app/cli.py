@@ -326,9 +326,7 @@ def info(model: str) -> None:
 
 
 def main() -> None:
-    from . import cli_lora  # noqa: F401  (registers finetune-lora)
-
     app()
 
 
-from . import cli_inversion  # noqa: E402,F401  (registers invert, edit)
+from . import cli_inversion, cli_lora  # noqa: E402,F401  (register invert, edit, finetune-lora)
