@@ -164,3 +164,16 @@ def test_bad_config_key_is_one_line_with_the_valid_keys(tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2
     assert "valid keys in 'train'" in out and "batch_size" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("extra", [["data.streaming=true"], ["data.num_workers=2"]])
+def test_uncached_runs_stream_or_use_loader_workers(inputs, tmp_path, extra):
+    config = tiny_config(inputs, tmp_path, "train.cache=false", "train.max_steps=3", "train.batch_size=4", *extra)
+    pipe = LdmPipeline.from_pretrained(train(config))
+    assert (tmp_path / "checkpoints" / "checkpoint-3").is_dir() and not (tmp_path / "cache").exists()
+    assert isinstance(pipe.unet, torch.nn.Module)
+
+
+def test_streaming_with_cache_is_a_clear_error(inputs, tmp_path):
+    with pytest.raises(ValueError, match="train.cache=false"):
+        train(tiny_config(inputs, tmp_path, "data.streaming=true"))
