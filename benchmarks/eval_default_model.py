@@ -24,7 +24,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
 from ldm_app import LdmPipeline
 from ldm_app.evaluation import frechet_distance, load_clip, psnr, r_precision
