@@ -70,7 +70,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, quiet: b
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
-    from .pipeline import LdmPipeline
+    from .pipeline import LdmPipeline, cast_quietly
 
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
@@ -91,8 +91,8 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, quiet: b
         raise UserError(f"Cannot load model {model!r}: {reason[:300]}. Check that it is a complete pipeline "
                         "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from None
     pipe = pipe.to(device)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
+    if pipe.unet.dtype != dtype:
+        pipe = cast_quietly(pipe, dtype)
     if device.type == "cpu":
         pipe.unet.to(memory_format=torch.channels_last)  # measured +22 % sampling speed on CPU
     pipe.set_progress_bar_config(disable=quiet, leave=False)

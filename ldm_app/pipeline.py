@@ -84,7 +84,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
             raise ValueError(f"The embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall ldm-app "
                              "or pass a model folder or hub id.")
-        return cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs).to(torch.float32)  # shipped in fp16
+        pipe = cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)
+        return cast_quietly(pipe, torch.float32)  # shipped in fp16, computed in fp32
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, **kwargs: Any) -> None:
@@ -281,6 +282,16 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def cast_quietly(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
+    """`pipe.to(dtype)` without diffusers' warning that every cast gets (none of our modules need fp32)."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return pipe.to(dtype=dtype)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def default_scheduler() -> DDIMScheduler:

@@ -1,0 +1,43 @@
+"""The embedded default model: loads offline, draws what it is asked for, and `ldm-app generate "a cat"` works."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ldm_app import LdmPipeline
+from ldm_app.pipeline import DEFAULT_MODEL_DIR
+
+
+def test_default_model_is_fp16_safetensors_under_40_mb():
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 40 * 2**20
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
+    assert (DEFAULT_MODEL_DIR / "NOTICE").is_file()
+
+
+def test_default_model_draws_the_colour_the_prompt_names():
+    pipe = LdmPipeline.from_default()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float32  # shipped in fp16, run in fp32 on CPUs
+    images = pipe(["red heart", "blue heart"], num_inference_steps=20, output_type="np",
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    for image, channel in zip(images, (0, 2)):
+        ink = image[image.min(axis=-1) < 0.8]  # pixels that are not white background
+        assert len(ink) > 0.05 * image.shape[0] * image.shape[1]
+        means = ink.mean(axis=0)
+        assert means[channel] == means.max(), means
+
+
+def test_generate_a_cat_from_the_command_line(tmp_path):
+    out = tmp_path / "cat.png"
+    r = subprocess.run([sys.executable, "-m", "ldm_app", "generate", "a cat", "--seed", "0", "-o", str(out), "-q"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    image = np.asarray(PIL.Image.open(out).convert("RGB"))
+    assert image.shape == (64, 64, 3) and image.std() > 10
