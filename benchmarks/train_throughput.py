@@ -49,6 +49,7 @@ def random_components(kind: str) -> tuple:
                             block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16)
         text = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                                bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                                                 max_position_embeddings=tokenizer.model_max_length, **text))
     return vae.eval().requires_grad_(False), tokenizer, text_encoder.eval().requires_grad_(False)
 
