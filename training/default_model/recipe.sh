@@ -11,7 +11,7 @@ HERE=training/default_model
 python $HERE/build_emoji_dataset.py --output $RUNS/data/emoji64                       # npm pack, pinned versions
 [ -d $RUNS/vae/final ] || python $HERE/train_vae.py --run $RUNS/vae --minutes 45      # f=4 AutoencoderKL
 [ -d $RUNS/clip/text_encoder ] || python $HERE/train_clip.py --minutes 12             # tokenizer + text tower
-[ -f $RUNS/evaluator/clip.safetensors ] || python $HERE/train_clip.py --evaluator --minutes 10
+[ -f $RUNS/evaluator/clip.safetensors ] || python $HERE/train_clip.py --evaluator --minutes 11
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     training/train_ldm.py --config configs/emoji64.yaml train.max_minutes="${UNET_MINUTES:-90}"
 python $HERE/assemble.py --pipeline $RUNS/unet/pipeline --out ldm_app/default_model
