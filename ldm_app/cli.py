@@ -115,8 +115,10 @@ def output_paths(output: str | None, count: int, overwrite: bool) -> list[Path]:
         folder = target.parent
     else:
         folder = target
-        folder.mkdir(parents=True, exist_ok=True) if os.access(folder.parent if not folder.exists() else folder,
-                                                                os.W_OK) else None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # reported below as not creatable
         existing = {p.name for p in folder.glob("*.png")} if folder.is_dir() else set()
         paths, i = [], 0
         while len(paths) < count:

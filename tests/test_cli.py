@@ -90,8 +90,8 @@ def test_bad_input_is_one_line_exit_2_without_traceback(model, tmp_path, args, m
     args = [a.format(tmp=tmp_path, broken=broken_model(tmp_path) if "{broken}" in a else "") for a in args]
     if "--model" not in args:
         args = ["--model", str(model), *args]
-    r = cli("generate", "a cat", "--steps" if "--steps" not in args else "--quiet", *(["1"] if "--steps" not in args else []),
-            *args)
+    steps = [] if "--steps" in args else ["--steps", "1"]
+    r = cli("generate", "a cat", "--quiet", *steps, *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
