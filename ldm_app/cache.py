@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import torch
@@ -123,7 +124,7 @@ def cache_key(ds: datasets.Dataset, cfg: DataConfig, vae: torch.nn.Module, token
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def load_or_build_cache(folder: Path, key: str, build: "callable[[], EncodedDataset]") -> EncodedDataset:
+def load_or_build_cache(folder: Path, key: str, build: Callable[[], EncodedDataset]) -> EncodedDataset:
     """Load `folder/encoded-<key>.safetensors`, or build it, write it atomically and drop stale caches."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"encoded-{key}.safetensors"

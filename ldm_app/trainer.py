@@ -170,11 +170,12 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         raise ValueError("Random crops cannot be cached; set data.center_crop=true or train.cache=false.")
     if t.cache:
         key = cache_key(ds, config.data, vae, tokenizer, text_encoder)
-        if accelerator.is_main_process:
-            load_or_build_cache(out / "cache", key,
-                                lambda: build_encoded_dataset(ds, config.data, vae, tokenizer, text_encoder))
+        if accelerator.is_main_process:  # one process encodes; the others read what it wrote
+            encoded = load_or_build_cache(out / "cache", key,
+                                          lambda: build_encoded_dataset(ds, config.data, vae, tokenizer, text_encoder))
         accelerator.wait_for_everyone()
-        encoded = load_or_build_cache(out / "cache", key, lambda: None)
+        if not accelerator.is_main_process:
+            encoded = load_or_build_cache(out / "cache", key, lambda: None)
         batches = CachedBatches(encoded, t.seed, config.data)
     elif config.data.streaming:
         batches = StreamingBatches(ds, config.data, t.seed, rank, world, vae, tokenizer, text_encoder)
