@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import torch
 
-from .cache import EncodedDataset, encode_captions, encode_images
+from .cache import EncodedDataset, encode_captions, encode_images, tokenize
 from .config import DataConfig
 from .data import caption_variants, decode_image, preprocess
 
@@ -60,7 +60,14 @@ def example_choice(seed: int, position: int, num_captions: int, num_main: int, c
 class Batch:
     mean: torch.Tensor  # (B, C, h, w) VAE posterior mean (unscaled)
     std: torch.Tensor  # (B, C, h, w) VAE posterior std
-    context: torch.Tensor  # (B, T, D) text-encoder hidden states of the chosen captions
+    input_ids: torch.Tensor  # (B, T) token ids of the chosen captions
+    context: torch.Tensor | None  # (B, T, D) their frozen text-encoder hidden states (None: encoded in-graph)
+
+
+def text_batch(mean: torch.Tensor, std: torch.Tensor, captions: list[str], tokenizer, text_encoder) -> Batch:
+    """A batch of on-the-fly encodings; no frozen text states when `text_encoder` is None (it is being trained)."""
+    context = encode_captions(tokenizer, text_encoder, captions).cpu() if text_encoder is not None else None
+    return Batch(mean.cpu(), std.cpu(), tokenize(tokenizer, captions), context)
 
 
 def positions(micro_step: int, batch_size: int, rank: int, world: int) -> range:
@@ -88,7 +95,8 @@ class CachedBatches:
         if e.flipped_mean is not None:
             mean = torch.where(flip_t, e.flipped_mean[idx_t], mean)
             std = torch.where(flip_t, e.flipped_std[idx_t], std)
-        return Batch(mean, std, e.text_states[torch.tensor(rows)])
+        rows_t = torch.tensor(rows)
+        return Batch(mean, std, e.caption_ids[rows_t], e.text_states[rows_t])
 
 
 class _PositionDataset(torch.utils.data.Dataset):
@@ -147,7 +155,7 @@ class EncodingBatches:
         self._next_step = micro_step + 1
         self.skipped += int(skipped.sum())
         mean, std = encode_images(self.vae, images)
-        return Batch(mean.cpu(), std.cpu(), encode_captions(self.tokenizer, self.text_encoder, list(captions)).cpu())
+        return text_batch(mean, std, list(captions), self.tokenizer, self.text_encoder)
 
 
 class StreamingBatches:
@@ -197,4 +205,4 @@ class StreamingBatches:
                                      seeded_generator(self.seed, 3, p)))
             captions.append(variants[choice.caption])
         mean, std = encode_images(self.vae, torch.stack(images))
-        return Batch(mean.cpu(), std.cpu(), encode_captions(self.tokenizer, self.text_encoder, captions).cpu())
+        return text_batch(mean, std, captions, self.tokenizer, self.text_encoder)

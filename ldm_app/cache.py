@@ -26,6 +26,9 @@ from .config import DataConfig
 from .data import dataset_fingerprint, iter_examples
 
 
+CACHE_FORMAT = "2"  # bump when EncodedDataset's fields change, so old caches are rebuilt
+
+
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) in [-1, 1] → the VAE posterior's mean and std (unscaled latents)."""
@@ -33,12 +36,16 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tenso
     return posterior.mean.float(), posterior.std.float()
 
 
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions → token ids (B, T), padded/truncated to the tokenizer's length."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode_captions(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]) -> torch.Tensor:
-    """Captions → text-encoder hidden states (B, T, D), padded/truncated to the tokenizer's length."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0].float()
+    """Captions → text-encoder hidden states (B, T, D)."""
+    return text_encoder(tokenize(tokenizer, captions).to(text_encoder.device))[0].float()
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -62,6 +69,7 @@ class EncodedDataset:
     caption_index: torch.Tensor  # (M,) rows of text_states
     caption_main: torch.Tensor  # (N,) how many of example i's captions come from its caption (the rest: tags)
     text_states: torch.Tensor  # (U, T, D)
+    caption_ids: torch.Tensor  # (U, T) token ids of the unique captions, for runs that train the text encoder
     skipped: int  # images that failed to decode
 
     def __len__(self) -> int:
@@ -69,7 +77,7 @@ class EncodedDataset:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {k: getattr(self, k) for k in ("mean", "std", "caption_offsets", "caption_index", "caption_main",
-                                                "text_states")}
+                                                "text_states", "caption_ids")}
         if self.flipped_mean is not None:
             out |= {"flipped_mean": self.flipped_mean, "flipped_std": self.flipped_std}
         return {k: v.contiguous() for k, v in out.items()}
@@ -113,13 +121,13 @@ def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: Autoencode
         flipped_mean=torch.cat(fmeans) if fmeans else None, flipped_std=torch.cat(fstds) if fstds else None,
         caption_offsets=counts.cumsum(0), caption_index=torch.tensor([i for c in per_example for i in c]),
         caption_main=torch.tensor(mains),
-        text_states=states, skipped=len(skipped))
+        text_states=states, caption_ids=tokenize(tokenizer, texts), skipped=len(skipped))
 
 
 def cache_key(ds: datasets.Dataset, cfg: DataConfig, vae: torch.nn.Module, tokenizer: CLIPTokenizer,
               text_encoder: torch.nn.Module) -> str:
     """Changes whenever the data, the preprocessing, or an encoder changes."""
-    parts = [dataset_fingerprint(ds, cfg), module_fingerprint(vae), module_fingerprint(text_encoder),
+    parts = [CACHE_FORMAT, dataset_fingerprint(ds, cfg), module_fingerprint(vae), module_fingerprint(text_encoder),
              json.dumps(tokenizer.get_vocab(), sort_keys=True), str(tokenizer.model_max_length)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -21,6 +21,7 @@ FINETUNE_EXAMPLES = """
 Examples:
   ldm-app finetune-lora ./photos --prompt "a photo of sks cat" --steps 400
   ldm-app finetune-lora ./photos --prompt "sks style" --rank 16 --format kohya -o my-lora
+  ldm-app finetune-lora ./photos --prompt "a sks cat" --train-text-encoder --lr 3e-4
   ldm-app finetune-lora ./photos --prompt "a sks dog" --prior-preservation --class-prompt "a dog"
   ldm-app generate "a sks dog" --lora my-lora:0.8
 """
@@ -93,6 +94,8 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--resolution", type=click.IntRange(min=8), default=None, help="Training size (default: the model's).")
+@click.option("--train-text-encoder", is_flag=True,
+              help="Also put LoRA on the text encoder's attention (q/k/v/out_proj): learns new words better.")
 @click.option("--prior-preservation", is_flag=True, help="DreamBooth: also train on the base model's class images.")
 @click.option("--class-prompt", default=None, help="Prompt for the class images, e.g. 'a photo of a cat'.")
 @click.option("--num-class-images", type=click.IntRange(min=1), default=16)
@@ -103,7 +106,8 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
 @click.option("-q", "--quiet", is_flag=True)
 def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, alpha: float | None, steps: int,
-                  lr: float, batch_size: int, resolution: int | None, prior_preservation: bool,
+                  lr: float, batch_size: int, resolution: int | None, train_text_encoder: bool,
+                  prior_preservation: bool,
                   class_prompt: str | None, num_class_images: int, fmt: str, output: Path, seed: int,
                   resume: bool, quiet: bool) -> None:
     """Fine-tune LoRA adapters on the photos in PHOTOS_DIR; the base model on disk is never modified."""
@@ -142,7 +146,7 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
         f"model.vae={model_path}", "model.vae_subfolder=vae", f"model.text_encoder={model_path}",
         "model.text_encoder_subfolder=text_encoder", f"model.tokenizer={model_path}", "model.tokenizer_subfolder=tokenizer",
         f"model.pretrained_unet={model_path}", "model.pretrained_unet_subfolder=unet",
-        f"lora.rank={rank}", f"lora.kohya={fmt == 'kohya'}", "objective.caption_dropout=0.0",
+        f"lora.rank={rank}", f"lora.kohya={fmt == 'kohya'}", f"lora.train_text_encoder={train_text_encoder}", "objective.caption_dropout=0.0",
         f"train.output_dir={output}", f"train.seed={seed}", f"train.batch_size={batch_size}",
         f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.lr_scheduler=constant",
         f"train.warmup_steps={min(50, steps // 10)}", "train.use_ema=false", "train.validation_every=0",

@@ -97,6 +97,7 @@ class LoraTrainConfig:
     rank: int = 0  # > 0: train rank-r LoRA adapters on a frozen pretrained UNet instead of the whole UNet
     alpha: float | None = None  # LoRA α; the update is scaled by α/r (default α = r)
     kohya: bool = False  # also write the adapters in kohya/A1111 format
+    train_text_encoder: bool = False  # also adapt the text encoder's attention (captions then encoded in-graph)
 
 
 @dataclass

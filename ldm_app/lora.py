@@ -1,8 +1,9 @@
 """LoRA (Hu et al. 2021) on the UNet's attention projections: W' = W + (α/r) · B A, with B = 0 at the start.
 
-Adapters are peft layers added through diffusers' `PeftAdapterMixin`, so loading, `set_adapters`,
-`fuse_lora` and `unfuse_lora` are diffusers' own. Saved files put the α/r scale into B, so they are
-self-contained: any loader that assumes α = r (diffusers' default) gives the same result.
+Adapters are peft layers added through diffusers' `PeftAdapterMixin` (UNet) or injected by peft and registered
+the way transformers registers them (text encoder), so `set_adapters`, `fuse_lora` and `unfuse_lora` are
+diffusers' own. Saved files put the α/r scale into B, so they are self-contained: any loader that assumes α = r
+(diffusers' default) gives the same result.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from diffusers import ModelMixin
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -26,8 +28,48 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: li
     """Freeze `model` and add trainable rank-`rank` adapters on `targets`; B starts at zero, so the model's
     output is unchanged until training moves it."""
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                 target_modules=targets))
+    attach(model, LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets))
+
+
+def attach(model: torch.nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    """Add an adapter. transformers' own `add_adapter` insists on a newer peft than may be installed, so text
+    encoders get peft's injection plus the two attributes transformers sets (diffusers reads them)."""
+    if isinstance(model, ModelMixin):
+        model.add_adapter(config, adapter_name)
+        return
+    inject_adapter_in_model(config, model, adapter_name)
+    model.peft_config = {**getattr(model, "peft_config", {}), adapter_name: config}
+    model._hf_peft_config_loaded = True
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """`<module>.lora.down.weight`, `.lora_linear_layer.up.weight` (diffusers) or `.lora_A.weight` (peft)
+    → (module, "down" | "up")."""
+    for marker, kind in ((".lora.down.", "down"), (".lora.up.", "up"), (".lora_linear_layer.down.", "down"),
+                         (".lora_linear_layer.up.", "up"), (".lora_A.", "down"), (".lora_B.", "up")):
+        if marker in key:
+            return key.split(marker)[0], kind
+    raise ValueError(f"{key!r} is not a LoRA weight key; pass a diffusers, peft or kohya LoRA file.")
+
+
+def load_text_encoder_lora(text_encoder: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Adapters in the diffusers layout (component prefix stripped) onto a text encoder. Keys written for
+    transformers 4 (`text_model.` prefix) load into transformers 5's flattened CLIPTextModel too."""
+    modules = {n for n, _ in text_encoder.named_modules()}
+    weights: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, kind = split_key(key)
+        if module not in modules and module.removeprefix("text_model.") in modules:
+            module = module.removeprefix("text_model.")
+        if module not in modules:
+            raise ValueError(f"LoRA key {key!r} matches no module of the text encoder; was it made for this model?")
+        weights[f"{module}.lora_{'A' if kind == 'down' else 'B'}.weight"] = value
+    ranks = {k.rsplit(".lora_A", 1)[0]: v.shape[0] for k, v in weights.items() if ".lora_A." in k}
+    rank = max(ranks.values())
+    attach(text_encoder, LoraConfig(r=rank, lora_alpha=rank, rank_pattern={m: r for m, r in ranks.items() if r != rank},
+                                    target_modules=list(ranks)), adapter_name)
+    set_peft_model_state_dict(text_encoder, weights, adapter_name)
+    text_encoder.requires_grad_(False)
 
 
 def lora_state_dict(model: torch.nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
@@ -50,10 +92,10 @@ def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         component, rest = key.split(".", 1)
-        module, kind = rest.split(".lora.")
+        module, kind = split_key(rest)
         name = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + module.replace(".", "_")
-        out[f"{name}.lora_{kind.split('.')[0]}.weight"] = value
-        if kind.startswith("down"):
+        out[f"{name}.lora_{kind}.weight"] = value
+        if kind == "down":
             out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))  # α = r: the scale is already in up
     return out
 
@@ -71,14 +113,15 @@ def from_kohya(state: dict[str, torch.Tensor], modules: dict[str, list[str]]) ->
             raise ValueError(f"Unknown kohya LoRA key {key!r}; expected lora_unet_* or lora_te_* keys.")
         component, names = lookup[prefix]
         by_underscore = {n.replace(".", "_"): n for n in names}
-        module = by_underscore.get(name[len(prefix):])
+        module = by_underscore.get(name[len(prefix):]) or by_underscore.get(name[len(prefix):].removeprefix("text_model_"))
         if module is None:
             raise ValueError(f"LoRA key {key!r} matches no module of the {component}; was it made for this model?")
         if kind.startswith("lora_up"):
             rank = value.shape[1]
             alpha = state.get(f"{name}.alpha")
             value = value * (float(alpha) / rank if alpha is not None else 1.0)
-        out[f"{component}.{module}.lora.{'up' if kind.startswith('lora_up') else 'down'}.weight"] = value
+        layer = "lora" if component == "unet" else "lora_linear_layer"  # diffusers' names for each component
+        out[f"{component}.{module}.{layer}.{'up' if kind.startswith('lora_up') else 'down'}.weight"] = value
     return out
 
 

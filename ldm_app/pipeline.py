@@ -20,10 +20,11 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
+from diffusers.utils.peft_utils import get_adapter_name
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .lora import from_kohya, is_kohya, read_lora_file
+from .lora import from_kohya, is_kohya, load_text_encoder_lora, read_lora_file
 from .unet import LdmUNet
 
 logger = logging.get_logger(__name__)
@@ -90,7 +91,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, **kwargs: Any) -> None:
         """diffusers' LoRA loading, plus local folders with pytorch_lora_weights.safetensors and kohya/A1111
-        files (`lora_unet_*` keys), which are matched against this pipeline's own module names."""
+        files (`lora_unet_*` keys), which are matched against this pipeline's own module names. Text-encoder
+        adapters in local files and dicts are attached with peft directly (see `lora.attach`)."""
         source = pretrained_model_name_or_path_or_dict
         if not isinstance(source, dict) and Path(source).expanduser().exists():
             source = read_lora_file(source)
@@ -98,6 +100,14 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             modules = {"unet": [n for n, _ in self.unet.named_modules()],
                        "text_encoder": [n for n, _ in self.text_encoder.named_modules()]}
             source = from_kohya(source, modules)
+        adapter_name = adapter_name or get_adapter_name(self.unet)
+        if isinstance(source, dict) and any(k.startswith("text_encoder.") for k in source):
+            prefix = "text_encoder."
+            load_text_encoder_lora(self.text_encoder, {k[len(prefix):]: v for k, v in source.items()
+                                                       if k.startswith(prefix)}, adapter_name)
+            source = {k: v for k, v in source.items() if not k.startswith(prefix)}
+            if not source:
+                return
         super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------

@@ -23,11 +23,12 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from .batches import Batch, CachedBatches, EncodingBatches, StreamingBatches, seeded_generator
-from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_build_cache
+from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_build_cache, tokenize
 from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
 from .config import Config, ObjectiveConfig, save_config
 from .data import load_image_dataset
-from .lora import KOHYA_FILE, LORA_FILE, UNET_TARGETS, add_lora, lora_state_dict, save_atomic, to_kohya
+from .lora import (KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, lora_state_dict,
+                   save_atomic, to_kohya)
 from .diffusion import diffusion_loss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
 from .unet import LdmUNet
@@ -77,12 +78,12 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int
     accelerator.wait_for_everyone()
 
 
-def ema_unet(unet: UNet, ema: EMAModel | None) -> UNet:
-    """A copy of the UNet carrying the EMA weights (the weights we sample and export with)."""
-    model = copy.deepcopy(unet)
+def with_ema(models: list[torch.nn.Module], ema: EMAModel | None) -> list[torch.nn.Module]:
+    """Copies of the trained models carrying the EMA weights (the weights we sample and export with)."""
+    copies = [copy.deepcopy(m) for m in models]
     if ema is not None:
-        ema.copy_to([p for p in model.parameters() if p.requires_grad])
-    return model.eval().to(memory_format=torch.contiguous_format)
+        ema.copy_to([p for m in copies for p in m.parameters() if p.requires_grad])
+    return [m.eval().to(memory_format=torch.contiguous_format) for m in copies]
 
 
 def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
@@ -151,16 +152,15 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         if not m.pretrained_unet:
             raise ValueError("lora.rank > 0 fine-tunes a pretrained UNet; set model.pretrained_unet to a pipeline folder.")
         add_lora(unet, config.lora.rank, config.lora.alpha, UNET_TARGETS)
+    elif config.lora.train_text_encoder:
+        raise ValueError("lora.train_text_encoder needs LoRA on the UNet too; set lora.rank > 0.")
     if setup_unet is not None:
         setup_unet(unet)
     if m.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if t.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    ema = EMAModel(params, decay=t.ema_decay, use_ema_warmup=True, power=3 / 4) if t.use_ema else None
+    train_text = config.lora.train_text_encoder
 
     # Data: the encoded cache, or decoding + encoding every step
     ds = load_image_dataset(config.data)
@@ -178,12 +178,23 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
             encoded = load_or_build_cache(out / "cache", key, lambda: None)
         batches = CachedBatches(encoded, t.seed, config.data)
     elif config.data.streaming:
-        batches = StreamingBatches(ds, config.data, t.seed, rank, world, vae, tokenizer, text_encoder)
+        batches = StreamingBatches(ds, config.data, t.seed, rank, world, vae, tokenizer,
+                                   None if train_text else text_encoder)
     else:
-        batches = EncodingBatches(ds, config.data, t.seed, vae, tokenizer, text_encoder)
+        batches = EncodingBatches(ds, config.data, t.seed, vae, tokenizer, None if train_text else text_encoder)
     if t.cache:
         accelerator.print(f"{len(encoded)} training images cached ({encoded.skipped} failed to decode, skipped)")
-    empty_states = encode_captions(tokenizer, text_encoder, [""]).cpu()  # ∅ for caption dropout
+    # ∅ for caption dropout: its hidden states, or its token ids when the text encoder trains and runs in-graph
+    empty = tokenize(tokenizer, [""]) if train_text else encode_captions(tokenizer, text_encoder, [""]).cpu()
+
+    # Trainable parameters in fp32, and their EMA (LoRA on the text encoder is added after the cache is keyed)
+    if train_text:
+        add_lora(text_encoder, config.lora.rank, config.lora.alpha, TEXT_ENCODER_TARGETS)
+    trained = [unet, text_encoder] if train_text else [unet]
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    ema = EMAModel(params, decay=t.ema_decay, use_ema_warmup=True, power=3 / 4) if t.use_ema else None
 
     # Optimizer, LR warm-up + decay, and the noise schedule of the forward process
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
@@ -191,7 +202,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
     scheduler = noise_scheduler(obj)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    unet = trained[0]
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
@@ -217,9 +229,9 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         for k in range(t.gradient_accumulation_steps):
             micro = step * t.gradient_accumulation_steps + k
             batch = batches(micro, t.batch_size, rank, world)
-            with accelerator.accumulate(unet):
-                loss = training_loss(unet, scheduler, batch, empty_states, obj,
-                                     seeded_generator(t.seed, 4, micro, rank), scaling, accelerator.device)
+            with accelerator.accumulate(*trained):
+                loss = training_loss(unet, scheduler, batch, empty, obj, seeded_generator(t.seed, 4, micro, rank),
+                                     scaling, accelerator.device, trained[1] if train_text else None)
                 if not torch.isfinite(loss):
                     last = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else "none yet"
                     raise TrainingError(f"Loss is {loss.item()} at step {step}; stopping. Last good checkpoint: "
@@ -247,7 +259,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
             save_checkpoint(accelerator, ckpt_dir, step, t.keep_checkpoints)
         if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
-            pipe = make_pipeline(accelerator.unwrap_model(unet), ema, vae, text_encoder, tokenizer, config)
+            pipe = make_pipeline(accelerator, trained, ema, vae, text_encoder, tokenizer, config)
             validation_grid(pipe, config, out / "samples" / f"step-{step:07d}.png")
         if out_of_time:
             accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
@@ -256,9 +268,9 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
 
     # Export the pipeline, or just the LoRA adapters (EMA weights where kept)
     if accelerator.is_main_process:
-        pipe = make_pipeline(accelerator.unwrap_model(unet), ema, vae, text_encoder, tokenizer, config)
+        pipe = make_pipeline(accelerator, trained, ema, vae, text_encoder, tokenizer, config)
         if config.lora.rank:
-            export_lora(pipe.unet, out, config.lora.kohya)
+            export_lora(pipe, out, config.lora.kohya, train_text)
         else:
             export_pipeline(pipe, out / "pipeline", step)
     accelerator.wait_for_everyone()
@@ -266,25 +278,32 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     return out / LORA_FILE if config.lora.rank else out / "pipeline"
 
 
-def export_lora(unet: UNet, folder: Path, kohya: bool) -> None:
+def export_lora(pipe: LdmPipeline, folder: Path, kohya: bool, text_encoder: bool) -> None:
     """pytorch_lora_weights.safetensors (diffusers layout), and the kohya/A1111 file on request."""
-    state = lora_state_dict(unet)
+    state = lora_state_dict(pipe.unet) | (lora_state_dict(pipe.text_encoder, "text_encoder") if text_encoder else {})
     save_atomic(state, folder / LORA_FILE)
     if kohya:
         save_atomic(to_kohya(state), folder / KOHYA_FILE, {"ss_network_module": "networks.lora"})
 
 
-def make_pipeline(unet: UNet, ema: EMAModel | None, vae, text_encoder, tokenizer, config: Config) -> LdmPipeline:
-    pipe = LdmPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet(unet, ema),
-                       scheduler=sampling_scheduler(config.objective))
+def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema: EMAModel | None, vae,
+                  text_encoder, tokenizer, config: Config) -> LdmPipeline:
+    """A pipeline with the trained models' EMA weights (the UNet, and the text encoder where it trains)."""
+    unet, *trained_text = with_ema([accelerator.unwrap_model(m) for m in trained], ema)
+    pipe = LdmPipeline(vae=vae, text_encoder=trained_text[0] if trained_text else text_encoder, tokenizer=tokenizer,
+                       unet=unet, scheduler=sampling_scheduler(config.objective))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def training_loss(unet: UNet, scheduler, batch: Batch, empty_states: torch.Tensor, obj: ObjectiveConfig,
-                  generator: torch.Generator, scaling: float, device: torch.device) -> torch.Tensor:
+def training_loss(unet: UNet, scheduler, batch: Batch, empty: torch.Tensor, obj: ObjectiveConfig,
+                  generator: torch.Generator, scaling: float, device: torch.device,
+                  text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
     """One step's loss: z ~ q(z|x) from the VAE posterior, captions dropped to ∅ for CFG, then the
-    denoising loss at a random timestep. All randomness comes from `generator`."""
+    denoising loss at a random timestep. All randomness comes from `generator`.
+
+    `empty` is ∅'s hidden states; when a `text_encoder` is trained, it is ∅'s token ids and the captions are
+    encoded here, inside the graph, so gradients reach the encoder's adapters."""
     b = batch.mean.shape[0]
     eps_z = torch.randn(batch.mean.shape, generator=generator)
     noise = torch.randn(batch.mean.shape, generator=generator)
@@ -293,6 +312,9 @@ def training_loss(unet: UNet, scheduler, batch: Batch, empty_states: torch.Tenso
     if obj.noise_offset:
         noise = noise + obj.noise_offset * torch.randn((b, noise.shape[1], 1, 1), generator=generator)
     x0 = (batch.mean + batch.std * eps_z) * scaling
-    context = torch.where(drop[:, None, None], empty_states, batch.context)
+    if text_encoder is None:
+        context = torch.where(drop[:, None, None], empty, batch.context)
+    else:
+        context = text_encoder(torch.where(drop[:, None], empty, batch.input_ids).to(device))[0]
     return diffusion_loss(unet, scheduler, x0.to(device), context.to(device), noise.to(device),
                           timesteps.to(device), obj.snr_gamma)

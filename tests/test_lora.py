@@ -73,17 +73,27 @@ def test_unknown_kohya_module_is_a_clear_error(tmp_path):
         tiny_pipeline().load_lora_weights(tmp_path / "bad.safetensors")
 
 
-def test_lora_trained_on_a_diffusers_unet_loads_in_stable_diffusion_pipeline(tmp_path):
+def lora_run_config(base: Path, data: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"data.path={data}", "data.resolution=32", f"model.vae={base}", f"model.text_encoder={base}",
+        f"model.pretrained_unet={base}", "lora.rank=4", "lora.alpha=8", f"train.output_dir={out}",
+        "train.batch_size=4", "train.max_steps=6", "train.warmup_steps=0", "train.learning_rate=1e-2",
+        "train.use_ema=false", "train.validation_every=0", *extra])
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_lora_trained_on_a_diffusers_unet_loads_in_stable_diffusion_pipeline(tmp_path, train_text_encoder):
     base = tmp_path / "base"
     tiny_pipeline("diffusers").save_pretrained(base)
     write_toy_dataset(tmp_path / "data", n=8)
-    config = load_config(None, [
-        f"data.path={tmp_path / 'data'}", "data.resolution=32", f"model.vae={base}", f"model.text_encoder={base}",
-        f"model.pretrained_unet={base}", "lora.rank=4", "lora.alpha=8", "lora.kohya=true",
-        f"train.output_dir={tmp_path / 'run'}", "train.batch_size=4", "train.max_steps=6", "train.warmup_steps=0",
-        "train.learning_rate=1e-2", "train.use_ema=false", "train.validation_every=0"])
-    lora_file = train(config)
+    lora_file = train(lora_run_config(base, tmp_path / "data", tmp_path / "run", "lora.kohya=true",
+                                      f"lora.train_text_encoder={train_text_encoder}"))
     assert lora_file == tmp_path / "run" / LORA_FILE and (tmp_path / "run" / KOHYA_FILE).is_file()
+    text_keys = [k for k in load_file(lora_file) if k.startswith("text_encoder.")]
+    assert bool(text_keys) == train_text_encoder
+    assert all(k.split(".")[-4] in ("q_proj", "k_proj", "v_proj", "out_proj") for k in text_keys)
+    parsed, alphas = StableDiffusionPipeline.lora_state_dict(str(lora_file))[:2]
+    assert set(parsed) == set(load_file(lora_file)) and not alphas  # diffusers reads the layout as its own
 
     ours = LdmPipeline.from_pretrained(base)
     ours.set_progress_bar_config(disable=True)
@@ -93,12 +103,34 @@ def test_lora_trained_on_a_diffusers_unet_loads_in_stable_diffusion_pipeline(tmp
     theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
-    theirs.load_lora_weights(str(tmp_path / "run"), weight_name=LORA_FILE)
     after = generate(ours)
     assert np.abs(after - before).max() > 1e-4  # training moved the adapters
+    if train_text_encoder:
+        # diffusers attaches text-encoder adapters through transformers' PEFT integration, which wants a peft
+        # release newer than the one installed here; ours attaches them directly (covered by the next test)
+        return
+    theirs.load_lora_weights(str(tmp_path / "run"), weight_name=LORA_FILE)
     np.testing.assert_allclose(
         theirs("a red circle", num_inference_steps=3, guidance_scale=5.0, output_type="np",
                generator=torch.Generator().manual_seed(0)).images, after, atol=1e-4)
+
+
+def test_text_encoder_lora_moves_the_text_states_and_resumes_exactly(tmp_path):
+    base = tmp_path / "base"
+    tiny_pipeline().save_pretrained(base)
+    write_toy_dataset(tmp_path / "data", n=8)
+    extra = ("lora.train_text_encoder=true", "train.checkpoint_every=3", "train.lr_scheduler=constant")
+    straight = train(lora_run_config(base, tmp_path / "data", tmp_path / "a", *extra))
+    train(lora_run_config(base, tmp_path / "data", tmp_path / "b", *extra, "train.max_steps=3"))
+    resumed = train(lora_run_config(base, tmp_path / "data", tmp_path / "b", *extra))
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    pipe = LdmPipeline.from_pretrained(base)
+    before = pipe.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
+    pipe.load_lora_weights(straight)
+    after = pipe.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
+    assert (after - before).abs().max() > 1e-4  # the adapters on the text encoder were trained and load
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
@@ -119,13 +151,13 @@ def test_finetune_cli_trains_writes_outputs_and_leaves_the_base_untouched(tmp_pa
     (photos / "notes.md").write_text("not an image")
     out = tmp_path / "lora"
     r = cli("finetune-lora", str(photos), "--model", str(base), "--steps", "4", "--batch-size", "2", "--rank", "4",
-            "--format", "kohya", "-o", str(out))
+            "--train-text-encoder", "--format", "kohya", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "skipped 1 non-image file(s) and 1 unreadable image(s)" in r.stderr
     for name in (LORA_FILE, KOHYA_FILE, "config.yaml", "before_after.png"):
         assert (out / name).is_file() and str(out / name) in r.stdout
     assert tree_hashes(base) == hashes
-    assert load_file(out / LORA_FILE)
+    assert any(k.startswith("text_encoder.") for k in load_file(out / LORA_FILE))  # --train-text-encoder
 
     # the LoRA is usable from generate, and a second run into the same folder needs --resume
     r = cli("generate", "a red circle", "--model", str(base), "--lora", f"{out}:0.5", "--steps", "2",

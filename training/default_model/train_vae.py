@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--init", type=Path, help="start from a saved VAE (from_pretrained folder)")
     parser.add_argument("--decoder-only", action="store_true", help="freeze encoder/latents (needs --init)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     torch.manual_seed(args.seed)
     run = args.run.expanduser()
     run.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,8 @@ def main() -> None:
         x = to_model(train[idx])
         flip = torch.rand(args.batch) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not args.decoder_only):
+            posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = F.l1_loss(recon, x) + KL_WEIGHT * kl
