@@ -10,11 +10,15 @@
   4. Seconds per image and per batch of 16.
 
     python benchmarks/eval_default_model.py [--model PIPELINE] [--data ~/ldm-runs/data/emoji64] [--fd-images 1000]
+
+The full table takes hours on 2 cores: with --json FILE --resume, cells already in FILE (same model, same
+--fd-images) are kept, so the table fills in over several runs; --parts picks what to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import statistics
@@ -62,6 +66,14 @@ def generate(pipe: LdmPipeline, prompts: list[str], seeds: list[int], steps: int
 
 
 @torch.no_grad()
+def unet_fingerprint(pipe: LdmPipeline) -> str:
+    """Identifies the weights a saved result belongs to, so --resume never mixes two models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(pipe.unet.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def image_features(evaluator, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([evaluator.encode_image(b) for b in images.split(256)])
 
@@ -81,8 +93,11 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=200)
     parser.add_argument("--fd-images", type=int, default=1000)
     parser.add_argument("--fd-steps", default="10,20,50,100")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=Path, help="also write the results here (after every table cell)")
+    parser.add_argument("--resume", action="store_true", help="keep the results already in --json for this model")
+    parser.add_argument("--parts", default="vae,rprecision,fd,speed", help="comma-separated subset to run")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_flush_denormal(True)
 
     pipe = LdmPipeline.from_pretrained(args.model) if args.model else LdmPipeline.from_default()
@@ -92,11 +107,24 @@ def main() -> None:
     data = args.data.expanduser()
     train_images, train_rows = load_split(data, "train")
     test_images, _ = load_split(data, "test")
+    model_id = {"model": str(args.model or "default"), "unet_sha256": unet_fingerprint(pipe), "fd_images": args.fd_images}
     results: dict = {}
+    if args.resume and args.json and args.json.is_file():
+        saved = json.loads(args.json.read_text())
+        results = saved if saved.get("model_id") == model_id else {}
+    results["model_id"] = model_id
+
+    def save() -> None:
+        if args.json:
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(args.json)
 
     # 1. VAE round trip on held-out emoji
-    results["vae_psnr_db"] = vae_psnr(pipe, test_images)
-    print(f"VAE round-trip PSNR on {len(test_images)} held-out emoji: {results['vae_psnr_db']:.2f} dB")
+    if "vae" in parts:
+        results["vae_psnr_db"] = vae_psnr(pipe, test_images)
+        print(f"VAE round-trip PSNR on {len(test_images)} held-out emoji: {results['vae_psnr_db']:.2f} dB")
+        save()
 
     # 2. R-precision@1 among 100 candidates, real vs generated
     rng = random.Random(0)
@@ -104,57 +132,61 @@ def main() -> None:
     picks = rng.sample(range(len(train_rows)), args.captions)
     captions = [train_rows[i]["text"] for i in picks]
     vocab = sorted(set(captions) | set(rng.sample(labels, min(len(labels), 2000))))
-    text = text_features(evaluator, eval_tokenizer, vocab)
     own = torch.tensor([vocab.index(c) for c in captions])
     others = torch.stack([torch.tensor(rng.sample([j for j in range(len(vocab)) if j != k], 99)) for k in own])
-    real = image_features(evaluator, train_images[picks])
-    start = time.perf_counter()
-    generated = generate(pipe, captions, list(range(len(captions))), 25, args.guidance)
-    gen_seconds = time.perf_counter() - start
-    fake = image_features(evaluator, generated)
-    results["r_precision_real"] = r_precision(real, text, own, others)
-    results["r_precision_generated"] = r_precision(fake, text, own, others)
-    print(f"R-precision@1 ({args.captions} captions, 1 true + 99 random): real {results['r_precision_real']:.3f}, "
-          f"generated {results['r_precision_generated']:.3f} "
-          f"(ratio {results['r_precision_generated'] / max(results['r_precision_real'], 1e-9):.2f}; "
-          f"25 DDIM steps, CFG {args.guidance})")
+    if "rprecision" in parts:
+        text = text_features(evaluator, eval_tokenizer, vocab)
+        real = image_features(evaluator, train_images[picks])
+        fake = image_features(evaluator, generate(pipe, captions, list(range(len(captions))), 25, args.guidance))
+        results["r_precision_real"] = r_precision(real, text, own, others)
+        results["r_precision_generated"] = r_precision(fake, text, own, others)
+        print(f"R-precision@1 ({args.captions} captions, 1 true + 99 random): real {results['r_precision_real']:.3f}, "
+              f"generated {results['r_precision_generated']:.3f} "
+              f"(ratio {results['r_precision_generated'] / max(results['r_precision_real'], 1e-9):.2f}; "
+              f"25 DDIM steps, CFG {args.guidance})")
+        save()
 
     # 3. Fréchet distance table: steps × η, plus DDPM ancestral sampling
     n = args.fd_images
     prompts = [train_rows[i]["text"] for i in rng.choices(range(len(train_rows)), k=n)]
-    reference = image_features(evaluator, train_images)
-    ddim_config = dict(pipe.scheduler.config)
-    table: dict[str, dict[int, float]] = {}
     steps_list = [int(s) for s in args.fd_steps.split(",")]
-    for name, eta, sampler in [("DDIM η=0.0", 0.0, "ddim"), ("DDIM η=0.5", 0.5, "ddim"), ("DDIM η=1.0", 1.0, "ddim"),
-                               ("DDPM (ancestral)", 0.0, "ddpm")]:
-        pipe.scheduler = make_scheduler(sampler, ddim_config)
-        table[name] = {}
-        for steps in steps_list:
-            images = generate(pipe, prompts, [10_000 + i for i in range(n)], steps, args.guidance, eta)
-            table[name][steps] = frechet_distance(image_features(evaluator, images), reference)
-            print(f"  {name:<18} {steps:>4} steps: FD {table[name][steps]:.4f}", flush=True)
-    pipe.scheduler = make_scheduler("ddim", ddim_config)
-    results["fd_table"] = table
-    print(f"\nFréchet distance in the evaluator's feature space ({n} generations vs {len(reference)} real; lower is better)")
-    print(f"{'sampler':<20}" + "".join(f"{s:>10}" for s in steps_list))
-    for name, row in table.items():
-        print(f"{name:<20}" + "".join(f"{row[s]:>10.4f}" for s in steps_list))
+    table: dict[str, dict[str, float]] = results.setdefault("fd_table", {})
+    if "fd" in parts:
+        reference = image_features(evaluator, train_images)
+        ddim_config = dict(pipe.scheduler.config)
+        for name, eta, sampler in [("DDIM η=0.0", 0.0, "ddim"), ("DDIM η=0.5", 0.5, "ddim"),
+                                   ("DDIM η=1.0", 1.0, "ddim"), ("DDPM (ancestral)", 0.0, "ddpm")]:
+            pipe.scheduler = make_scheduler(sampler, ddim_config)
+            row = table.setdefault(name, {})
+            for steps in steps_list:
+                if str(steps) not in row:  # JSON keys are strings
+                    images = generate(pipe, prompts, [10_000 + i for i in range(n)], steps, args.guidance, eta)
+                    row[str(steps)] = frechet_distance(image_features(evaluator, images), reference)
+                    save()
+                print(f"  {name:<18} {steps:>4} steps: FD {row[str(steps)]:.4f}", flush=True)
+        pipe.scheduler = make_scheduler("ddim", ddim_config)
+        print(f"\nFréchet distance in the evaluator's feature space ({n} generations vs {len(reference)} real; "
+              "lower is better)")
+        print(f"{'sampler':<20}" + "".join(f"{s:>10}" for s in steps_list))
+        for name, row in table.items():
+            print(f"{name:<20}" + "".join(f"{row[str(s)]:>10.4f}" if str(s) in row else f"{'-':>10}"
+                                          for s in steps_list))
 
     # 4. Speed: one image, and a batch of 16, 25 DDIM steps with CFG
-    times = {}
-    for count in (1, 16):
-        runs = []
-        for rep in range(3):
-            t0 = time.perf_counter()
-            generate(pipe, ["a cat face"] * count, list(range(count)), 25, args.guidance)
-            runs.append(time.perf_counter() - t0)
-        times[count] = statistics.median(runs)
-    results["seconds_per_image"], results["seconds_per_batch_16"] = times[1], times[16]
-    print(f"\nspeed ({torch.get_num_threads()} threads): {times[1]:.2f} s for 1 image, {times[16]:.2f} s for a batch "
-          f"of 16 ({times[16] / 16:.3f} s/image); R-precision generations took {gen_seconds:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    if "speed" in parts:
+        threads = torch.get_num_threads()
+        times = {}
+        for count in (1, 16):
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                generate(pipe, ["a cat face"] * count, list(range(count)), 25, args.guidance)
+                runs.append(time.perf_counter() - t0)
+            times[count] = statistics.median(runs)
+        results[f"speed_{threads}_threads"] = {"seconds_per_image": times[1], "seconds_per_batch_16": times[16]}
+        print(f"\nspeed ({threads} threads, median of 3): {times[1]:.2f} s for 1 image, {times[16]:.2f} s for a "
+              f"batch of 16 ({times[16] / 16:.3f} s/image)")
+        save()
 
 
 if __name__ == "__main__":
