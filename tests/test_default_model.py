@@ -1,12 +1,14 @@
 """The embedded default model: loads offline, draws what it is asked for, and `ldm-app generate "a cat"` works."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import PIL.Image
 import torch
+from transformers import CLIPTokenizer
 
 from ldm_app import LdmPipeline
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
@@ -19,6 +21,15 @@ def test_default_model_is_fp16_safetensors_under_40_mb():
     assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
     assert (DEFAULT_MODEL_DIR / "NOTICE").is_file()
+
+
+def test_default_tokenizer_is_clip_format_vocab_and_merges(tmp_path):
+    folder = DEFAULT_MODEL_DIR / "tokenizer"
+    for name in ("vocab.json", "merges.txt"):  # what loaders without tokenizer.json rebuild it from
+        shutil.copy(folder / name, tmp_path / name)
+    shipped, rebuilt = CLIPTokenizer.from_pretrained(folder), CLIPTokenizer.from_pretrained(tmp_path)
+    for text in ("a grinning cat face", "red heart emoji", "pizza"):
+        assert rebuilt(text).input_ids == shipped(text).input_ids
 
 
 def test_default_model_draws_the_colour_the_prompt_names():
