@@ -64,12 +64,14 @@ def stage_photos(photos: Path, data_dir: Path, prompt: str | None, resolution: i
     return used
 
 
-def write_class_images(pipe, data_dir: Path, class_prompt: str, count: int, seed: int) -> None:
-    """DreamBooth prior preservation: the base model's own images of the class, trained on beside the photos."""
+def write_class_images(pipe, data_dir: Path, class_prompts: list[str], count: int, seed: int) -> None:
+    """DreamBooth prior preservation: the base model's own images of the class (the class prompts in turn),
+    trained on beside the photos so that the class keeps its look."""
     for i in range(count):
-        image = pipe(class_prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(seed + i)).images[0]
+        prompt = class_prompts[i % len(class_prompts)]
+        image = pipe(prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(seed + i)).images[0]
         image.save(data_dir / f"class-{i:04d}.png")
-        (data_dir / f"class-{i:04d}.txt").write_text(class_prompt)
+        (data_dir / f"class-{i:04d}.txt").write_text(prompt)
 
 
 def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds=(0, 1, 2, 3)) -> None:
@@ -97,7 +99,8 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
 @click.option("--train-text-encoder", is_flag=True,
               help="Also put LoRA on the text encoder's attention (q/k/v/out_proj): learns new words better.")
 @click.option("--prior-preservation", is_flag=True, help="DreamBooth: also train on the base model's class images.")
-@click.option("--class-prompt", default=None, help="Prompt for the class images, e.g. 'a photo of a cat'.")
+@click.option("--class-prompt", "class_prompts", multiple=True,
+              help="Prompt for the class images, e.g. 'a photo of a cat'; repeat it to use several in turn.")
 @click.option("--num-class-images", type=click.IntRange(min=1), default=16)
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "kohya"]), default="diffusers",
               help="kohya: also write a kohya/A1111 file.")
@@ -108,7 +111,7 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
 def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, alpha: float | None, steps: int,
                   lr: float, batch_size: int, resolution: int | None, train_text_encoder: bool,
                   prior_preservation: bool,
-                  class_prompt: str | None, num_class_images: int, fmt: str, output: Path, seed: int,
+                  class_prompts: tuple[str, ...], num_class_images: int, fmt: str, output: Path, seed: int,
                   resume: bool, quiet: bool) -> None:
     """Fine-tune LoRA adapters on the photos in PHOTOS_DIR; the base model on disk is never modified."""
     from .trainer import TrainingError, train
@@ -117,7 +120,7 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
     # 1. Check inputs before any work
     if not photos_dir.is_dir():
         raise UserError(f"{photos_dir} is not a folder; pass a folder of photos.")
-    if prior_preservation and not class_prompt:
+    if prior_preservation and not class_prompts:
         raise UserError("--prior-preservation needs --class-prompt, e.g. --class-prompt \"a photo of a cat\".")
     if output.exists() and any(output.iterdir()) and not resume:
         raise UserError(f"{output} already exists; pass --resume to continue it, or choose another --output.")
@@ -136,7 +139,7 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
         if prior_preservation:
             note(f"generating {num_class_images} class images for prior preservation")
             base.set_progress_bar_config(disable=True)
-            write_class_images(base, data_dir, class_prompt, num_class_images, seed)
+            write_class_images(base, data_dir, list(class_prompts), num_class_images, seed)
     del base
 
     # 3. Train LoRA adapters with the shared trainer

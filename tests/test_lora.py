@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -177,3 +178,21 @@ def test_finetune_cli_without_usable_images_is_exit_2(tmp_path, content):
         (photos / "a.jpg").write_bytes(b"garbage")
     r = cli("finetune-lora", str(photos), "--model", str(base), "--prompt", "sks", "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "No usable image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prior_preservation_trains_on_class_images_of_each_class_prompt(tmp_path):
+    base = tmp_path / "base"
+    tiny_pipeline().save_pretrained(base)
+    photos = write_toy_dataset(tmp_path / "photos", n=2, layout="sidecar")
+    out = tmp_path / "lora"
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--steps", "2", "--batch-size", "2", "--rank", "2",
+            "--prior-preservation", "--class-prompt", "a circle", "--class-prompt", "a square",
+            "--num-class-images", "3", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    captions = [(out / "data" / f"class-{i:04d}.txt").read_text() for i in range(3)]
+    assert captions == ["a circle", "a square", "a circle"]
+    assert all(PIL.Image.open(out / "data" / f"class-{i:04d}.png").size == (32, 32) for i in range(3))
+    assert "5 training images cached" in r.stdout + r.stderr  # 2 photos + 3 class images
+
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--prior-preservation", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--class-prompt" in r.stderr and "Traceback" not in r.stderr
