@@ -55,11 +55,12 @@ def load_vae(path: str | os.PathLike, subfolder: str | None = None, dtype: torch
 
 def load_text_encoder(path: str | os.PathLike, subfolder: str | None = None,
                       dtype: torch.dtype | None = None) -> CLIPTextModel:
-    """A frozen `CLIPTextModel` from a folder or hub id."""
+    """A frozen `CLIPTextModel` from a folder or hub id, in fp32 unless `dtype` says otherwise (transformers 5
+    would keep the stored dtype: fp16 weights would then run in fp16 on CPUs, many times slower)."""
     path = _resolve(path)
     _check_local_folder(path, subfolder, "text encoder")
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    return freeze(_cast(CLIPTextModel.from_pretrained(path, **kwargs), dtype))
+    return freeze(_cast(CLIPTextModel.from_pretrained(path, **kwargs), dtype or torch.float32))
 
 
 def load_tokenizer(path: str | os.PathLike, subfolder: str | None = None) -> CLIPTokenizer:

@@ -77,7 +77,11 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         for unused in set(index) - set(inspect.signature(cls.__init__).parameters):
             if not unused.startswith("_"):
                 kwargs.setdefault(unused, None)  # a Stable Diffusion folder's safety checker, feature extractor, ...
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            # diffusers loads its models in fp32 unless told otherwise, transformers 5 in the stored dtype: match
+            pipe.text_encoder.to(torch.float32)
+        return pipe
 
     @classmethod
     def from_default(cls, **kwargs: Any) -> "LdmPipeline":
@@ -85,8 +89,7 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
             raise ValueError(f"The embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall ldm-app "
                              "or pass a model folder or hub id.")
-        pipe = cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)
-        return cast_quietly(pipe, torch.float32)  # shipped in fp16, computed in fp32
+        return cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)  # shipped in fp16, loaded in fp32 unless told
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, **kwargs: Any) -> None:
