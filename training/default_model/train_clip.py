@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -20,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import load_dataset
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTokenizer
 
+from budget import BudgetedRun  # this folder's shared resume/time-budget helper
 from ldm_app.evaluation import Clip
 
 MAX_LENGTH = 32
@@ -127,14 +127,6 @@ def retrieval(model: Clip, tokenizer: CLIPTokenizer, images: torch.Tensor, rows:
 # ---------------------------------------------------------------- main
 
 
-def save_checkpoint(run: Path, model: Clip, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Atomic: temp files then rename, so an interrupted save never corrupts a resume."""
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run / "model.tmp")
-    torch.save({"optimizer": opt.state_dict(), **state}, run / "state.tmp")
-    os.replace(run / "model.tmp", run / "model.safetensors")
-    os.replace(run / "state.tmp", run / "state.pt")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("~/ldm-runs/data/emoji64"))
@@ -154,16 +146,10 @@ def main() -> None:
     tower = ({"width": 32, "blocks": 1, "stages": 3, "dim": 256, "patch": 2} if args.evaluator
              else {"width": 64, "blocks": 1, "stages": 2, "dim": 256, "patch": 4})
     run = (args.run or Path("~/ldm-runs/evaluator" if args.evaluator else "~/ldm-runs/clip")).expanduser()
-    run.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    budget = BudgetedRun(run, args.minutes, args.steps, args.eval_every)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    log = open(run / "log.txt", "a")
-
-    def report(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
 
     # --- data + tokenizer ---
     data = args.data.expanduser()
@@ -186,28 +172,17 @@ def main() -> None:
         pad_token_id=tokenizer.pad_token_id)
     model = Clip(text_config, tower)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    state = {"step": 0, "elapsed": 0.0}
-    if (run / "state.pt").exists():
-        model.load_state_dict(load_file(run / "model.safetensors"))
-        saved = torch.load(run / "state.pt", weights_only=True)
-        opt.load_state_dict(saved.pop("optimizer"))
-        state = saved
-        report(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    budget.resume(model, opt)
     n_text = sum(p.numel() for p in model.text_model.parameters())
     n_image = sum(p.numel() for p in model.image_tower.parameters())
-    report(f"text params {n_text:,} image params {n_image:,} vocab {len(tokenizer)}; args {vars(args)}")
-
-    def progress() -> float:
-        return state["step"] / args.steps if args.steps else state["elapsed"] / (60 * args.minutes)
+    budget.report(f"text params {n_text:,} image params {n_image:,} vocab {len(tokenizer)}; args {vars(args)}")
 
     # --- contrastive training (warmup, cosine to 5 %); soft targets so that pairs sharing an
     # emoji or an identical caption (two styles, a common tag) are not pushed apart ---
     model.train()
-    last_eval, seen, t_rate = time.time(), 0, time.time()
-    while progress() < 1.0:
+    while budget.progress < 1.0:
         t0 = time.time()
-        p = progress()
-        lr = args.lr * min(1.0, (state["step"] + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+        lr = budget.learning_rate(args.lr, warmup_steps=100)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = rng.sample(range(len(train_rows)), args.batch)
@@ -224,17 +199,14 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        state["step"] += 1
-        state["elapsed"] += time.time() - t0
-        seen += args.batch
-        if time.time() - last_eval > 60 * args.eval_every or progress() >= 1.0:
-            rate = seen / (time.time() - t_rate)
+        budget.finish_step(t0, args.batch)
+        if budget.eval_due():
             test = retrieval(model, tokenizer, test_images, test_rows)
             train = retrieval(model, tokenizer, train_images[probe], [train_rows[i] for i in probe])
-            report(f"step {state['step']} {state['elapsed'] / 60:.1f}min lr {lr:.2e} loss {loss.item():.3f} "
-                   f"T {model.logit_scale.exp().item():.1f} {rate:.0f} pairs/s test {test} train {train}")
-            save_checkpoint(run, model, opt, state)
-            last_eval, seen, t_rate = time.time(), 0, time.time()
+            budget.report(f"step {budget.step} {budget.state['elapsed'] / 60:.1f}min lr {lr:.2e} "
+                          f"loss {loss.item():.3f} T {model.logit_scale.exp().item():.1f} "
+                          f"{budget.examples_per_second():.0f} pairs/s test {test} train {train}")
+            budget.save(model, opt)
 
     # --- export: text encoder + tokenizer for the pipeline, whole CLIP for scoring ---
     model.eval()
@@ -244,10 +216,10 @@ def main() -> None:
     (run / "clip_config.json").write_text(json.dumps({"text": text_config.to_dict(), "tower": tower}, indent=2))
     metrics = {"test": retrieval(model, tokenizer, test_images, test_rows),
                "train_probe": retrieval(model, tokenizer, train_images[probe], [train_rows[i] for i in probe]),
-               "text_params": n_text, "image_params": n_image, "steps": state["step"],
-               "train_minutes": state["elapsed"] / 60}
+               "text_params": n_text, "image_params": n_image, "steps": budget.step,
+               "train_minutes": budget.state["elapsed"] / 60}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    report(f"final {json.dumps(metrics)}")
+    budget.report(f"final {json.dumps(metrics)}")
 
 
 if __name__ == "__main__":

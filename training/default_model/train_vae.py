@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from datasets import load_dataset
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file, save_file
+
+from budget import BudgetedRun  # this folder's shared resume/time-budget helper
 
 KL_WEIGHT = 1e-6
 
@@ -77,14 +78,6 @@ def latent_stats(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> t
     return latents.mean().item(), latents.std().item(), latents.std(dim=(0, 2, 3)).tolist()
 
 
-def save_checkpoint(run: Path, vae: AutoencoderKL, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Atomic: write to temp files, then rename, so an interrupted save never corrupts a resume."""
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, run / "model.tmp")
-    torch.save({"optimizer": opt.state_dict(), **state}, run / "state.tmp")
-    os.replace(run / "model.tmp", run / "model.safetensors")
-    os.replace(run / "state.tmp", run / "state.pt")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("~/ldm-runs/data/emoji64"))
@@ -102,13 +95,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     torch.manual_seed(args.seed)
     run = args.run.expanduser()
-    run.mkdir(parents=True, exist_ok=True)
-    log = open(run / "log.txt", "a")
-
-    def report(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
+    budget = BudgetedRun(run, args.minutes, args.steps, args.eval_every)
 
     # --- data ---
     data = args.data.expanduser()
@@ -121,26 +108,15 @@ def main() -> None:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=args.lr)
-    state = {"step": 0, "elapsed": 0.0}
-    if (run / "state.pt").exists():
-        vae.load_state_dict(load_file(run / "model.safetensors"))
-        saved = torch.load(run / "state.pt", weights_only=True)
-        opt.load_state_dict(saved.pop("optimizer"))
-        state = saved
-        report(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    budget.resume(vae, opt)
     n_params = sum(p.numel() for p in vae.parameters())
-    report(f"vae params {n_params:,}; train {len(train)} test {len(test)}; args {vars(args)}")
-
-    def progress() -> float:
-        return state["step"] / args.steps if args.steps else state["elapsed"] / (60 * args.minutes)
+    budget.report(f"vae params {n_params:,}; train {len(train)} test {len(test)}; args {vars(args)}")
 
     # --- train (warmup, then cosine decay to 5 % of the peak LR over the budget) ---
     vae.train()
-    last_eval, seen, t_rate = time.time(), 0, time.time()
-    while progress() < 1.0:
+    while budget.progress < 1.0:
         t0 = time.time()
-        p = progress()
-        lr = args.lr * min(1.0, (state["step"] + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+        lr = budget.learning_rate(args.lr, warmup_steps=200)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(train), (args.batch,))
@@ -155,15 +131,12 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        state["step"] += 1
-        state["elapsed"] += time.time() - t0
-        seen += args.batch
-        if time.time() - last_eval > 60 * args.eval_every or progress() >= 1.0:
-            rate = seen / (time.time() - t_rate)
-            report(f"step {state['step']} {state['elapsed'] / 60:.1f}min lr {lr:.2e} loss {loss.item():.4f} "
-                   f"kl {kl.item():.2f} {rate:.1f} img/s test PSNR {psnr(vae, test):.2f} dB")
-            save_checkpoint(run, vae, opt, state)
-            last_eval, seen, t_rate = time.time(), 0, time.time()
+        budget.finish_step(t0, args.batch)
+        if budget.eval_due():
+            budget.report(f"step {budget.step} {budget.state['elapsed'] / 60:.1f}min lr {lr:.2e} "
+                          f"loss {loss.item():.4f} kl {kl.item():.2f} {budget.examples_per_second():.1f} img/s "
+                          f"test PSNR {psnr(vae, test):.2f} dB")
+            budget.save(vae, opt)
 
     # --- final metrics, scaling factor, export ---
     test_psnr, train_psnr = psnr(vae, test), psnr(vae, train[:512])
@@ -173,9 +146,9 @@ def main() -> None:
     vae.to(memory_format=torch.contiguous_format).save_pretrained(run / "final", safe_serialization=True)
     summary = {"test_psnr_db": test_psnr, "train_psnr_db_first512": train_psnr, "latent_mean": mean,
                "latent_std": std, "latent_std_per_channel": per_channel, "scaling_factor": vae.config.scaling_factor,
-               "params": n_params, "steps": state["step"], "train_minutes": state["elapsed"] / 60}
+               "params": n_params, "steps": budget.step, "train_minutes": budget.state["elapsed"] / 60}
     (run / "final" / "metrics.json").write_text(json.dumps(summary, indent=2))
-    report(f"final {json.dumps(summary)}")
+    budget.report(f"final {json.dumps(summary)}")
 
 
 if __name__ == "__main__":
