@@ -54,10 +54,13 @@ class BudgetedRun:
         """Fraction of the budget used: by steps when --steps is set, else by training time."""
         return self.step / self.steps if self.steps else self.state["elapsed"] / (60 * self.minutes)
 
-    def learning_rate(self, peak: float, warmup_steps: int) -> float:
-        """Linear warm-up, then cosine decay to 5 % of `peak` over the budget."""
+    def set_learning_rate(self, optimizer: torch.optim.Optimizer, peak: float, warmup_steps: int) -> float:
+        """Linear warm-up, then cosine decay to 5 % of `peak` over the budget; returns the rate it set."""
         decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(self.progress, 1.0)))
-        return peak * min(1.0, (self.step + 1) / warmup_steps) * decay
+        lr = peak * min(1.0, (self.step + 1) / warmup_steps) * decay
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def finish_step(self, started: float, examples: int) -> None:
         self.state["step"] += 1

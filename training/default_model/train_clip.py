@@ -182,9 +182,7 @@ def main() -> None:
     model.train()
     while budget.progress < 1.0:
         t0 = time.time()
-        lr = budget.learning_rate(args.lr, warmup_steps=100)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = budget.set_learning_rate(opt, args.lr, warmup_steps=100)
         idx = rng.sample(range(len(train_rows)), args.batch)
         rows = [train_rows[i] for i in idx]
         captions = [rng.choice(captions_for(r["text"], r["tags"])) for r in rows]

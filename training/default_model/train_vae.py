@@ -116,9 +116,7 @@ def main() -> None:
     vae.train()
     while budget.progress < 1.0:
         t0 = time.time()
-        lr = budget.learning_rate(args.lr, warmup_steps=200)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = budget.set_learning_rate(opt, args.lr, warmup_steps=200)
         idx = torch.randint(len(train), (args.batch,))
         x = to_model(train[idx])
         flip = torch.rand(args.batch) < 0.5
