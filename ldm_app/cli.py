@@ -289,13 +289,12 @@ def read_params_or_fail(path: str) -> GenerationParams:
 
 
 def warn_if_truncated(pipe, prompt: str, note) -> None:
-    """Say how many tokens the text encoder will not see."""
-    n_tokens = len(pipe.tokenizer(prompt).input_ids)
-    limit = pipe.tokenizer.model_max_length
-    if n_tokens > limit:
-        logging.getLogger("diffusers").setLevel(logging.ERROR)  # we say it once, here
-        note(f"warning: prompt is {n_tokens} tokens; the last {n_tokens - limit} beyond the limit of {limit} "
-             "are dropped")
+    """Say once, before sampling, how many tokens the text encoder will not see (not once per batch)."""
+    dropped = pipe.dropped_tokens(prompt)
+    if dropped:
+        logging.getLogger("ldm_app.pipeline").setLevel(logging.ERROR)  # silences the pipeline's per-call warning
+        note(f"warning: the prompt's last {dropped} token(s) lie beyond the text encoder's limit of "
+             f"{pipe.tokenizer.model_max_length} and are dropped")
 
 
 INFO_EXAMPLES = """

@@ -141,11 +141,14 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (1 = no guidance, 5 is typical).")
 
+    def dropped_tokens(self, prompt: str) -> int:
+        """How many of the prompt's tokens lie beyond the text encoder's limit (the model never sees them)."""
+        return max(0, len(self.tokenizer(prompt, verbose=False).input_ids) - self.tokenizer.model_max_length)
+
     def _embed(self, texts: list[str], device: torch.device) -> torch.Tensor:
         tokens = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
-        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        dropped = untruncated.shape[-1] - tokens.input_ids.shape[-1]
+        dropped = max(self.dropped_tokens(text) for text in texts)
         if dropped > 0:
             logger.warning(f"Prompt truncated: {dropped} token(s) beyond the text encoder's limit of "
                            f"{self.tokenizer.model_max_length} were dropped.")
