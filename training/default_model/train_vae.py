@@ -46,6 +46,28 @@ def build_vae(width: int) -> AutoencoderKL:
     )
 
 
+def widen(vae: AutoencoderKL, factor: int) -> AutoencoderKL:
+    """Net2WiderNet (Chen et al. 2016) for the whole VAE: `factor`× the channels and GroupNorm groups, computing
+    the same function. Each hidden channel is repeated in blocks (so every new norm group holds copies of one old
+    group), and weights reading repeated channels are divided by `factor`. The latents stay the same, so a UNet
+    trained on them stays valid while a decoder-only fine-tune uses the extra width."""
+    config = dict(vae.config)
+    wide = AutoencoderKL.from_config({**config, "block_out_channels": [c * factor for c in config["block_out_channels"]],
+                                      "norm_num_groups": config["norm_num_groups"] * factor})
+    old = vae.state_dict()
+    state = {}
+    for name, new in wide.state_dict().items():
+        value = old[name]
+        for dim in range(value.ndim):
+            if new.shape[dim] == factor * value.shape[dim]:
+                value = torch.cat([value] * factor, dim=dim)
+                if dim == 1:  # the input channels of a conv: the repeats share the old weight
+                    value = value / factor
+        state[name] = value
+    wide.load_state_dict(state)
+    return wide
+
+
 def load_split(data_dir: Path, split: str) -> torch.Tensor:
     """Whole split as a uint8 NCHW tensor; the set is tiny, so keep it in memory."""
     ds = load_dataset("imagefolder", data_dir=str(data_dir), split=split)
@@ -91,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, help="start from a saved VAE (from_pretrained folder)")
     parser.add_argument("--decoder-only", action="store_true", help="freeze encoder/latents (needs --init)")
+    parser.add_argument("--widen", type=int, default=1, help="widen the --init VAE this many times, same function")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     torch.manual_seed(args.seed)
@@ -103,6 +126,8 @@ def main() -> None:
 
     # --- model, optimizer, resume ---
     vae = AutoencoderKL.from_pretrained(args.init.expanduser()) if args.init else build_vae(args.width)
+    if args.widen > 1:
+        vae = widen(vae, args.widen)
     vae = vae.to(memory_format=torch.channels_last)
     if args.decoder_only:
         vae.encoder.requires_grad_(False)
