@@ -1,6 +1,10 @@
 """Assemble the embedded default model: a trained pipeline folder → fp16 safetensors inside the package.
 
     python training/default_model/assemble.py [--pipeline ~/ldm-runs/unet/pipeline] [--out ldm_app/default_model]
+        [--vae ~/ldm-runs/vae-wide/final]
+
+--vae swaps in a VAE whose decoder was fine-tuned (or widened) after the UNet was trained; it must encode
+exactly as the pipeline's VAE does, else the UNet's latents would no longer match, and that is checked.
 
 Writes into a temp folder and renames, so the shipped model is never half-written. Adds the model card
 (README.md) with the art licences, repeated from NOTICE.
@@ -15,8 +19,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
 from ldm_app import LdmPipeline
+from ldm_app.pipeline import cast_quietly
 
 HERE = Path(__file__).resolve().parent
 MAX_MB = 40
@@ -43,6 +49,18 @@ Weights are stored in fp16 and loaded in fp32 on CPUs.
 """
 
 
+@torch.no_grad()
+def swap_vae(current: AutoencoderKL, new: AutoencoderKL) -> AutoencoderKL:
+    """`new`, after checking that it encodes like `current` (the latent space the UNet was trained in)."""
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a, b = current.encode(x).latent_dist, new.encode(x).latent_dist
+    gap = max((a.mean - b.mean).abs().max().item(), (a.std - b.std).abs().max().item())
+    if gap > 1e-3 or new.config.scaling_factor != current.config.scaling_factor:
+        raise SystemExit(f"--vae encodes differently (max latent gap {gap:.2e}, scaling factor "
+                         f"{new.config.scaling_factor} vs {current.config.scaling_factor}); the UNet needs its latents")
+    return new.eval()
+
+
 def count(module: torch.nn.Module) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
 
@@ -51,14 +69,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", type=Path, default=Path("~/ldm-runs/unet/pipeline"))
     parser.add_argument("--out", type=Path, default=HERE.parents[1] / "ldm_app" / "default_model")
+    parser.add_argument("--vae", type=Path, help="a VAE folder with the same encoder function (decoder fine-tuned)")
     args = parser.parse_args()
     source, out = args.pipeline.expanduser(), args.out
 
     pipe = LdmPipeline.from_pretrained(source)
+    if args.vae:
+        pipe.vae = swap_vae(pipe.vae, AutoencoderKL.from_pretrained(args.vae.expanduser()))
     step = json.loads((source / "training_step.json").read_text())["step"] if (source / "training_step.json").is_file() else "?"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    cast_quietly(pipe, torch.float16).save_pretrained(tmp, safe_serialization=True)
     pipe.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))  # the CLIP-format vocab.json + merges.txt
     (tmp / "README.md").write_text(CARD.format(
         vae=count(pipe.vae), text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), unet=count(pipe.unet),
