@@ -66,11 +66,13 @@ def generate(pipe: LdmPipeline, prompts: list[str], seeds: list[int], steps: int
 
 
 @torch.no_grad()
-def unet_fingerprint(pipe: LdmPipeline) -> str:
-    """Identifies the weights a saved result belongs to, so --resume never mixes two models."""
+def model_fingerprint(pipe: LdmPipeline) -> str:
+    """Identifies the weights a saved result belongs to (UNet, VAE, text encoder), so --resume never mixes two
+    models."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(pipe.unet.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().float().numpy().tobytes())
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for name, tensor in sorted(component.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().float().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -107,7 +109,7 @@ def main() -> None:
     data = args.data.expanduser()
     train_images, train_rows = load_split(data, "train")
     test_images, _ = load_split(data, "test")
-    model_id = {"model": str(args.model or "default"), "unet_sha256": unet_fingerprint(pipe), "fd_images": args.fd_images}
+    model_id = {"model": str(args.model or "default"), "weights_sha256": model_fingerprint(pipe), "fd_images": args.fd_images}
     results: dict = {}
     if args.resume and args.json and args.json.is_file():
         saved = json.loads(args.json.read_text())
