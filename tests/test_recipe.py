@@ -25,6 +25,10 @@ def test_widening_the_vae_keeps_latents_and_reconstructions():
     torch.testing.assert_close(b.mean, a.mean, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b.std, a.std, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(wide.decode(a.mean).sample, vae.decode(a.mean).sample, atol=1e-4, rtol=1e-4)
+    # the copies of a channel are read with different weights, else they would get equal gradients forever
+    w = wide.decoder.conv_out.weight
+    half = w.shape[1] // 2
+    assert (w[:, :half] - w[:, half:]).abs().max() > 1e-3
 
 
 def test_budgeted_run_resumes_step_weights_and_learning_rate(tmp_path):

@@ -46,23 +46,29 @@ def build_vae(width: int) -> AutoencoderKL:
     )
 
 
-def widen(vae: AutoencoderKL, factor: int) -> AutoencoderKL:
+def widen(vae: AutoencoderKL, factor: int, seed: int = 0) -> AutoencoderKL:
     """Net2WiderNet (Chen et al. 2016) for the whole VAE: `factor`× the channels and GroupNorm groups, computing
     the same function. Each hidden channel is repeated in blocks (so every new norm group holds copies of one old
-    group), and weights reading repeated channels are divided by `factor`. The latents stay the same, so a UNet
-    trained on them stays valid while a decoder-only fine-tune uses the extra width."""
+    group); a weight reading repeated channels is split among the copies in random proportions that sum to one,
+    which keeps the function but lets the copies' gradients differ, so the new width is used. The latents stay
+    the same, so a UNet trained on them stays valid while a decoder-only fine-tune uses the extra width."""
     config = dict(vae.config)
     wide = AutoencoderKL.from_config({**config, "block_out_channels": [c * factor for c in config["block_out_channels"]],
                                       "norm_num_groups": config["norm_num_groups"] * factor})
+    g = torch.Generator().manual_seed(seed)
     old = vae.state_dict()
     state = {}
     for name, new in wide.state_dict().items():
         value = old[name]
         for dim in range(value.ndim):
-            if new.shape[dim] == factor * value.shape[dim]:
+            if new.shape[dim] != factor * value.shape[dim]:
+                continue
+            if dim == 1:  # the input channels of a conv: the copies share the old weight
+                shares = torch.rand((factor, *value.shape), generator=g) + 0.5
+                shares = shares / shares.sum(0)
+                value = torch.cat(list(shares * value), dim=1)
+            else:
                 value = torch.cat([value] * factor, dim=dim)
-                if dim == 1:  # the input channels of a conv: the repeats share the old weight
-                    value = value / factor
         state[name] = value
     wide.load_state_dict(state)
     return wide
