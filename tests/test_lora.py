@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
 from ldm_app.config import load_config
-from ldm_app.lora import KOHYA_FILE, LORA_FILE, UNET_TARGETS, add_lora, lora_state_dict, save_atomic
+from ldm_app.lora import (KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, lora_state_dict,
+                          save_atomic, to_kohya)
 from ldm_app.testing import tiny_components, tiny_pipeline, write_toy_dataset
 from ldm_app.trainer import train
 
@@ -59,7 +60,6 @@ def test_saved_lora_reloads_to_the_same_images_in_diffusers_and_kohya_format(tmp
     expected = generate(pipe)
     state = lora_state_dict(pipe.unet)
     save_atomic(state, tmp_path / LORA_FILE)
-    from ldm_app.lora import to_kohya
     save_atomic(to_kohya(state), tmp_path / KOHYA_FILE)
     for source in (tmp_path, tmp_path / KOHYA_FILE):
         fresh = tiny_pipeline()
@@ -196,3 +196,24 @@ def test_prior_preservation_trains_on_class_images_of_each_class_prompt(tmp_path
 
     r = cli("finetune-lora", str(photos), "--model", str(base), "--prior-preservation", "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and "--class-prompt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_text_encoder_lora_from_a_transformers_4_kohya_file_and_unknown_modules(tmp_path):
+    pipe = tiny_pipeline()
+    add_lora(pipe.text_encoder, rank=4, alpha=None, targets=TEXT_ENCODER_TARGETS)
+    for name, p in pipe.text_encoder.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.2
+    expected = pipe.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
+    # A1111 files made with transformers 4 name the modules text_model.encoder...; ours are encoder...
+    kohya = {k.replace("lora_te_", "lora_te_text_model_"): v
+             for k, v in to_kohya(lora_state_dict(pipe.text_encoder, "text_encoder")).items()}
+    save_atomic(kohya, tmp_path / "te.safetensors")
+    fresh = tiny_pipeline()
+    fresh.load_lora_weights(tmp_path / "te.safetensors")
+    got = fresh.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="matches no module of the text encoder"):
+        tiny_pipeline().load_lora_weights({"text_encoder.nope.q_proj.lora_linear_layer.down.weight": torch.zeros(4, 8),
+                                           "text_encoder.nope.q_proj.lora_linear_layer.up.weight": torch.zeros(8, 4)})
