@@ -110,9 +110,8 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
 @click.option("-q", "--quiet", is_flag=True)
 def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, alpha: float | None, steps: int,
                   lr: float, batch_size: int, resolution: int | None, train_text_encoder: bool,
-                  prior_preservation: bool,
-                  class_prompts: tuple[str, ...], num_class_images: int, fmt: str, output: Path, seed: int,
-                  resume: bool, quiet: bool) -> None:
+                  prior_preservation: bool, class_prompts: tuple[str, ...], num_class_images: int, fmt: str,
+                  output: Path, seed: int, resume: bool, quiet: bool) -> None:
     """Fine-tune LoRA adapters on the photos in PHOTOS_DIR; the base model on disk is never modified."""
     from .trainer import TrainingError, train
 
@@ -149,7 +148,8 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
         f"model.vae={model_path}", "model.vae_subfolder=vae", f"model.text_encoder={model_path}",
         "model.text_encoder_subfolder=text_encoder", f"model.tokenizer={model_path}", "model.tokenizer_subfolder=tokenizer",
         f"model.pretrained_unet={model_path}", "model.pretrained_unet_subfolder=unet",
-        f"lora.rank={rank}", f"lora.kohya={fmt == 'kohya'}", f"lora.train_text_encoder={train_text_encoder}", "objective.caption_dropout=0.0",
+        f"lora.rank={rank}", f"lora.kohya={fmt == 'kohya'}", f"lora.train_text_encoder={train_text_encoder}",
+        "objective.caption_dropout=0.0",
         f"train.output_dir={output}", f"train.seed={seed}", f"train.batch_size={batch_size}",
         f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.lr_scheduler=constant",
         f"train.warmup_steps={min(50, steps // 10)}", "train.use_ema=false", "train.validation_every=0",

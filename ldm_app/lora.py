@@ -57,6 +57,7 @@ def load_text_encoder_lora(text_encoder: torch.nn.Module, state: dict[str, torch
     transformers 4 (`text_model.` prefix) load into transformers 5's flattened CLIPTextModel too."""
     modules = {n for n, _ in text_encoder.named_modules()}
     weights: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
     for key, value in state.items():
         module, kind = split_key(key)
         if module not in modules and module.removeprefix("text_model.") in modules:
@@ -64,7 +65,8 @@ def load_text_encoder_lora(text_encoder: torch.nn.Module, state: dict[str, torch
         if module not in modules:
             raise ValueError(f"LoRA key {key!r} matches no module of the text encoder; was it made for this model?")
         weights[f"{module}.lora_{'A' if kind == 'down' else 'B'}.weight"] = value
-    ranks = {k.rsplit(".lora_A", 1)[0]: v.shape[0] for k, v in weights.items() if ".lora_A." in k}
+        if kind == "down":
+            ranks[module] = value.shape[0]
     rank = max(ranks.values())
     attach(text_encoder, LoraConfig(r=rank, lora_alpha=rank, rank_pattern={m: r for m, r in ranks.items() if r != rank},
                                     target_modules=list(ranks)), adapter_name)
@@ -113,7 +115,8 @@ def from_kohya(state: dict[str, torch.Tensor], modules: dict[str, list[str]]) ->
             raise ValueError(f"Unknown kohya LoRA key {key!r}; expected lora_unet_* or lora_te_* keys.")
         component, names = lookup[prefix]
         by_underscore = {n.replace(".", "_"): n for n in names}
-        module = by_underscore.get(name[len(prefix):]) or by_underscore.get(name[len(prefix):].removeprefix("text_model_"))
+        short = name[len(prefix):]  # A1111 files made with transformers 4 say text_model_encoder_...
+        module = by_underscore.get(short) or by_underscore.get(short.removeprefix("text_model_"))
         if module is None:
             raise ValueError(f"LoRA key {key!r} matches no module of the {component}; was it made for this model?")
         if kind.startswith("lora_up"):

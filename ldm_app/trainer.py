@@ -161,6 +161,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     if t.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     train_text = config.lora.train_text_encoder
+    frozen_text_encoder = None if train_text else text_encoder  # a trained one runs inside the training graph
 
     # Data: the encoded cache, or decoding + encoding every step
     ds = load_image_dataset(config.data)
@@ -178,10 +179,9 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
             encoded = load_or_build_cache(out / "cache", key, lambda: None)
         batches = CachedBatches(encoded, t.seed, config.data)
     elif config.data.streaming:
-        batches = StreamingBatches(ds, config.data, t.seed, rank, world, vae, tokenizer,
-                                   None if train_text else text_encoder)
+        batches = StreamingBatches(ds, config.data, t.seed, rank, world, vae, tokenizer, frozen_text_encoder)
     else:
-        batches = EncodingBatches(ds, config.data, t.seed, vae, tokenizer, None if train_text else text_encoder)
+        batches = EncodingBatches(ds, config.data, t.seed, vae, tokenizer, frozen_text_encoder)
     if t.cache:
         accelerator.print(f"{len(encoded)} training images cached ({encoded.skipped} failed to decode, skipped)")
     # ∅ for caption dropout: its hidden states, or its token ids when the text encoder trains and runs in-graph
