@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ldm_app import LdmPipeline
+from ldm_app.cache import module_fingerprint
 from ldm_app.evaluation import frechet_distance, load_clip, psnr, r_precision
 from ldm_app.samplers import make_scheduler
 
@@ -69,11 +70,8 @@ def generate(pipe: LdmPipeline, prompts: list[str], seeds: list[int], steps: int
 def model_fingerprint(pipe: LdmPipeline) -> str:
     """Identifies the weights a saved result belongs to (UNet, VAE, text encoder), so --resume never mixes two
     models."""
-    digest = hashlib.sha256()
-    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
-        for name, tensor in sorted(component.state_dict().items()):
-            digest.update(name.encode() + tensor.detach().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    parts = [module_fingerprint(m) for m in (pipe.unet, pipe.vae, pipe.text_encoder)]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
 def image_features(evaluator, images: torch.Tensor) -> torch.Tensor:
