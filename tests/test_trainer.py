@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
 from ldm_app.batches import CachedBatches, EncodingBatches, seeded_generator
-from ldm_app.cache import build_encoded_dataset
+from ldm_app.cache import build_encoded_dataset, module_fingerprint
 from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
 from ldm_app.config import load_config
 from ldm_app.data import load_image_dataset
 from ldm_app.diffusion import noise_scheduler
-from ldm_app.testing import write_tiny_run_inputs, write_toy_dataset
+from ldm_app.testing import tiny_components, write_tiny_run_inputs, write_toy_dataset
 from ldm_app.trainer import TrainingError, train, training_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,3 +177,13 @@ def test_uncached_runs_stream_or_use_loader_workers(inputs, tmp_path, extra):
 def test_streaming_with_cache_is_a_clear_error(inputs, tmp_path):
     with pytest.raises(ValueError, match="train.cache=false"):
         train(tiny_config(inputs, tmp_path, "data.streaming=true"))
+
+
+def test_module_fingerprint_follows_weights_not_memory_format():
+    unet = tiny_components()["unet"]
+    before = module_fingerprint(unet)
+    unet.to(memory_format=torch.channels_last)  # 1×1 convs then have strides that a byte view rejects
+    assert module_fingerprint(unet) == before
+    with torch.no_grad():
+        next(unet.parameters()).add_(1e-3)
+    assert module_fingerprint(unet) != before
