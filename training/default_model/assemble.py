@@ -81,9 +81,10 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     cast_quietly(pipe, torch.float16).save_pretrained(tmp, safe_serialization=True)
     pipe.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))  # the CLIP-format vocab.json + merges.txt
-    for config in [tmp / "model_index.json", *tmp.glob("*/config.json")]:  # drop this machine's paths
+    for config in [tmp / "model_index.json", *tmp.glob("*/config.json"), tmp / "tokenizer" / "tokenizer_config.json"]:
         values = json.loads(config.read_text())
-        values.pop("_name_or_path", None)
+        for key in ("_name_or_path", "local_files_only", "is_local"):  # this machine's paths and load-time flags
+            values.pop(key, None)
         config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     (tmp / "README.md").write_text(CARD.format(
         vae=count(pipe.vae), text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), unet=count(pipe.unet),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The embedded default model end to end: data → VAE → CLIP text encoder → UNet → assemble → evaluate.
+# The embedded default model end to end: data → VAE → CLIP text encoder → UNet → decoder fine-tunes → assemble
+# → evaluate.
 # Every stage resumes where it stopped (re-run the same command), so it can run across sessions:
 #   nohup bash training/default_model/recipe.sh > ~/ldm-runs/recipe.log 2>&1 &
 # UNET_MINUTES bounds this invocation's UNet training (default 90); it continues on the next run.
@@ -14,5 +15,13 @@ python $HERE/build_emoji_dataset.py --output $RUNS/data/emoji64                 
 [ -f $RUNS/evaluator/clip.safetensors ] || python $HERE/train_clip.py --evaluator --minutes 11
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     training/train_ldm.py --config configs/emoji64.yaml train.max_minutes="${UNET_MINUTES:-90}"
-python $HERE/assemble.py --pipeline $RUNS/unet/pipeline --out ldm_app/default_model
+# Decoder-only fine-tunes: the encoder, latents and scaling_factor stay as the UNet saw them.
+# First the decoder as it is, then widened 2x (Net2WiderNet: same function, more channels to fine-tune).
+if [ ! -d $RUNS/vae-wide/final ]; then
+    [ -d $RUNS/vae-decoder/final ] || python $HERE/train_vae.py --init $RUNS/vae/final --decoder-only \
+        --run $RUNS/vae-decoder --steps 3100 --lr 3e-4
+    python $HERE/train_vae.py --init $RUNS/vae-decoder/final --decoder-only --widen 2 \
+        --run $RUNS/vae-wide --steps 3000 --lr 2e-4
+fi
+python $HERE/assemble.py --pipeline $RUNS/unet/pipeline --out ldm_app/default_model --vae $RUNS/vae-wide/final
 python benchmarks/eval_default_model.py --data $RUNS/data/emoji64 --json $RUNS/eval.json
