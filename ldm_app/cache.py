@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .atomic import atomic_write
 from .config import DataConfig
 from .data import dataset_fingerprint, iter_examples
 
@@ -142,10 +142,9 @@ def load_or_build_cache(folder: Path, key: str, build: Callable[[], EncodedDatas
         return EncodedDataset(flipped_mean=tensors.pop("flipped_mean", None),
                               flipped_std=tensors.pop("flipped_std", None), skipped=meta["skipped"], **tensors)
     encoded = build()
-    tmp = path.with_suffix(".tmp")
-    save_file(encoded.tensors(), tmp)
     (folder / f"encoded-{key}.json").write_text(json.dumps({"skipped": encoded.skipped, "examples": len(encoded)}))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:  # the tensors file appears last: it marks the cache as complete
+        save_file(encoded.tensors(), tmp)
     for stale in folder.glob("encoded-*"):
         if key not in stale.name:
             stale.unlink()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .atomic import atomic_write
 from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, pick_device
 from .data import decode_image
 from .evaluation import psnr
@@ -61,14 +61,8 @@ def check_output(path: Path | None, overwrite: bool) -> None:
 
 
 def write_png(image: PIL.Image.Image, path: Path) -> None:
-    """Atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def run_inversion(pipe, image: PIL.Image.Image, prompt: str, method: str, steps: int, guidance: float | None,

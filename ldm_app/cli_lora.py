@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 import torch
 
+from .atomic import atomic_write
 from .cli import DEFAULT_MODEL, UserError, app, load_pipeline
-from .config import load_config
+from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from .data import IMAGE_EXTENSIONS, decode_image
 from .lora import KOHYA_FILE, LORA_FILE
 from .pipeline import DEFAULT_MODEL_DIR
@@ -83,7 +84,8 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
     before = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
     pipe.load_lora_weights(lora_dir / LORA_FILE)
     after = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
-    make_image_grid(before + after, rows=2, cols=len(seeds)).save(path)
+    with atomic_write(path) as tmp:
+        make_image_grid(before + after, rows=2, cols=len(seeds)).save(tmp)
 
 
 @app.command("finetune-lora", epilog=FINETUNE_EXAMPLES)
@@ -143,20 +145,21 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
 
     # 3. Train LoRA adapters with the shared trainer
     model_path = str(DEFAULT_MODEL_DIR) if model == DEFAULT_MODEL else model
-    overrides = [
-        f"data.path={data_dir}", f"data.resolution={resolution}",
-        f"model.vae={model_path}", "model.vae_subfolder=vae", f"model.text_encoder={model_path}",
-        "model.text_encoder_subfolder=text_encoder", f"model.tokenizer={model_path}", "model.tokenizer_subfolder=tokenizer",
-        f"model.pretrained_unet={model_path}", "model.pretrained_unet_subfolder=unet",
-        f"lora.rank={rank}", f"lora.kohya={fmt == 'kohya'}", f"lora.train_text_encoder={train_text_encoder}",
-        "objective.caption_dropout=0.0",
-        f"train.output_dir={output}", f"train.seed={seed}", f"train.batch_size={batch_size}",
-        f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.lr_scheduler=constant",
-        f"train.warmup_steps={min(50, steps // 10)}", "train.use_ema=false", "train.validation_every=0",
-        f"train.checkpoint_every={max(50, steps // 4)}", "train.keep_checkpoints=1",
-    ] + ([f"lora.alpha={alpha}"] if alpha else [])
+    # Built directly, not from "key=value" strings: a path such as "on" or "null" must stay a path.
+    config = Config(
+        data=DataConfig(path=str(data_dir), resolution=resolution),
+        model=ModelConfig(vae=model_path, vae_subfolder="vae", text_encoder=model_path,
+                          text_encoder_subfolder="text_encoder", tokenizer=model_path, tokenizer_subfolder="tokenizer",
+                          pretrained_unet=model_path, pretrained_unet_subfolder="unet"),
+        objective=ObjectiveConfig(caption_dropout=0.0),
+        train=TrainConfig(output_dir=str(output), seed=seed, batch_size=batch_size, max_steps=steps,
+                          learning_rate=lr, lr_scheduler="constant", warmup_steps=min(50, steps // 10),
+                          use_ema=False, validation_every=0, checkpoint_every=max(50, steps // 4),
+                          keep_checkpoints=1),
+        lora=LoraTrainConfig(rank=rank, alpha=alpha, kohya=fmt == "kohya", train_text_encoder=train_text_encoder),
+    )
     try:
-        lora_file = train(load_config(None, overrides))
+        lora_file = train(config)
     except (ValueError, TrainingError) as err:
         raise UserError(str(err)) from None
 

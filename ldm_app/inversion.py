@@ -27,6 +27,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .attention_control import PromptToPromptProcessor, attention_processor, token_alignment
 from .data import decode_image, preprocess
 from .pipeline import LdmPipeline, OutputType
@@ -63,12 +64,8 @@ class Inversion:
         meta = {"prompt": self.prompt, "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "method": self.method, "model": self.model,
                 "original_size": self.original_size}
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with atomic_write(path) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Inversion":

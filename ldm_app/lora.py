@@ -18,6 +18,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write
+
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -84,9 +86,8 @@ def lora_state_dict(model: torch.nn.Module, prefix: str = "unet") -> dict[str, t
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
 
 
 def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

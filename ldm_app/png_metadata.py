@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
 import PIL.PngImagePlugin
 
+from .atomic import atomic_write
 from .samplers import SAMPLERS
 
 JSON_KEY = "ldm-app"
@@ -49,14 +49,8 @@ def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> No
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_text(params))
     info.add_text(JSON_KEY, json.dumps(dataclasses.asdict(params)))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_params(path: str | os.PathLike) -> GenerationParams:
@@ -68,5 +62,14 @@ def read_params(path: str | os.PathLike) -> GenerationParams:
         raise ValueError(f"Cannot read {path} as an image ({err}); pass a PNG written by ldm-app generate.") from None
     if raw is None:
         raise ValueError(f"{path} carries no ldm-app parameters; pass a PNG written by ldm-app generate.")
-    fields = {f.name for f in dataclasses.fields(GenerationParams)}
-    return GenerationParams(**{k: v for k, v in json.loads(raw).items() if k in fields})
+    try:
+        stored = json.loads(raw)
+    except json.JSONDecodeError:
+        stored = None
+    fields = dataclasses.fields(GenerationParams)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if not isinstance(stored, dict) or name not in stored]
+    if missing:
+        raise ValueError(f"{path}'s ldm-app parameters are damaged (missing {', '.join(missing)}); "
+                         "pass a PNG written by ldm-app generate.")
+    return GenerationParams(**{f.name: stored[f.name] for f in fields if f.name in stored})

@@ -64,7 +64,9 @@ class TimestepMLP(nn.Module):
         self.linear_2 = nn.Linear(emb_dim, emb_dim)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(timestep_embedding(timesteps, self.in_dim))))
+        # The sinusoids are computed in fp32; cast them to the weights' dtype so fp16/bf16 models run.
+        features = timestep_embedding(timesteps, self.in_dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(features)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,7 +111,6 @@ class Attention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.scale = head_dim**-0.5
-        self.is_cross_attention = context_dim is not None
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.PngImagePlugin
 import pytest
 
 from ldm_app.testing import tiny_pipeline
@@ -76,6 +77,15 @@ def broken_model(tmp_path: Path) -> Path:
     return folder
 
 
+def damaged_png(folder: Path) -> Path:
+    """A PNG whose ldm-app chunk lacks required fields (as after hand-editing)."""
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text("ldm-app", json.dumps({"steps": 3}))
+    path = folder / "damaged.png"
+    PIL.Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{tmp}/missing"], "does not exist"),
     (["--model", "{broken}"], "Cannot load model"),
@@ -85,9 +95,11 @@ def broken_model(tmp_path: Path) -> Path:
     (["--sampler", "plms"], "--sampler"),
     (["-o", "/etc/hostname/x.png"], "Output folder"),
     (["--from", "{tmp}/nope.png"], "no such file"),
+    (["--from", "{damaged}"], "missing prompt"),
 ])
 def test_bad_input_is_one_line_exit_2_without_traceback(model, tmp_path, args, message):
-    args = [a.format(tmp=tmp_path, broken=broken_model(tmp_path) if "{broken}" in a else "") for a in args]
+    args = [a.format(tmp=tmp_path, broken=broken_model(tmp_path) if "{broken}" in a else "",
+                     damaged=damaged_png(tmp_path) if "{damaged}" in a else "") for a in args]
     if "--model" not in args:
         args = ["--model", str(model), *args]
     steps = [] if "--steps" in args else ["--steps", "1"]

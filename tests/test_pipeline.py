@@ -32,6 +32,14 @@ def test_same_seed_same_image_and_other_seed_other_image(pipe):
     assert np.abs(a - c).max() > 1e-3
 
 
+def test_bf16_pipeline_generates_close_to_fp32():
+    """`--dtype auto` picks fp16 on GPUs; every module (the UNet's timestep MLP included) must run in half."""
+    reference = generate(tiny_pipeline())
+    half = generate(tiny_pipeline().to(dtype=torch.bfloat16))
+    assert np.isfinite(half).all()
+    assert np.abs(half - reference).mean() < 0.05
+
+
 def test_batch_with_generator_list_equals_single_runs(pipe):
     prompts = ["a cat", "a red heart"]
     batch = pipe(prompts, num_inference_steps=STEPS, output_type="np",

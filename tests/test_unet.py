@@ -43,21 +43,42 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         unet = tiny_unet()
         for p in unet.parameters():
             nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+        calls = []
         if checkpointing:
             unet.enable_gradient_checkpointing()
+            checkpoint = unet._gradient_checkpointing_func
+            unet._gradient_checkpointing_func = lambda *args: calls.append(1) or checkpoint(*args)
         unet(x, t, ctx).sample.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+        assert bool(calls) == checkpointing  # every block went through the checkpoint wrapper
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_text_changes_the_prediction_through_pooled_and_cross_attention_paths():
-    unet = tiny_unet()
+@pytest.mark.parametrize("path", ["pooled", "cross-attention"])
+def test_text_changes_the_prediction_through_each_path_alone(path):
+    if path == "pooled":  # no attention anywhere: text can only enter through the timestep embedding
+        unet = tiny_unet(attention_levels=(False, False))
+    else:
+        unet = tiny_unet(pooled_text_conditioning=False)
     for p in unet.parameters():
         nn.init.normal_(p, std=0.05)
     x = torch.randn(1, 4, 8, 8)
     a = unet(x, 5, torch.randn(1, 7, 32)).sample
     b = unet(x, 5, torch.randn(1, 7, 32)).sample
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_runs_and_tracks_fp32(dtype):
+    unet = tiny_unet()
+    for p in unet.parameters():
+        nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        reference = unet(x, torch.tensor([3, 700]), ctx).sample
+        half = unet.to(dtype)(x.to(dtype), torch.tensor([3, 700]), ctx.to(dtype)).sample
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), reference, atol=0.05 * reference.abs().max().item(), rtol=0)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):

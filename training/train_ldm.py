@@ -6,6 +6,8 @@ Re-running the same command resumes from the run folder's last checkpoint.
 import argparse
 import sys
 
+import yaml
+
 from ldm_app.config import load_config
 from ldm_app.trainer import TrainingError, train
 
@@ -17,9 +19,9 @@ def main() -> int:
     args = parser.parse_args()
     try:
         pipeline = train(load_config(args.config, args.overrides))
-    except (ValueError, TrainingError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1
+    except (ValueError, OSError, yaml.YAMLError, TrainingError) as err:  # input errors (a typo, a missing file,
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # an unreachable hub id) exit 2
+        return 1 if isinstance(err, TrainingError) else 2
     print(f"Pipeline written to {pipeline}")
     return 0
 

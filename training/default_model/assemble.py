@@ -6,21 +6,22 @@
 --vae swaps in a VAE whose decoder was fine-tuned (or widened) after the UNet was trained; it must encode
 exactly as the pipeline's VAE does, else the UNet's latents would no longer match, and that is checked.
 
-Writes into a temp folder and renames, so the shipped model is never half-written. Adds the model card
-(README.md) with the art licences, repeated from NOTICE.
+Writes into a temp folder and renames, so the shipped model is never half-written; the old one is moved aside
+first and deleted last, so a crash in between leaves it as `<out>.old`. Adds the model card (README.md) with the
+art licences, repeated from NOTICE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
+from budget import written_atomically  # this folder's shared helper
 from ldm_app import LdmPipeline
 from ldm_app.pipeline import cast_quietly
 
@@ -77,25 +78,22 @@ def main() -> None:
     if args.vae:
         pipe.vae = swap_vae(pipe.vae, AutoencoderKL.from_pretrained(args.vae.expanduser()))
     step = json.loads((source / "training_step.json").read_text())["step"] if (source / "training_step.json").is_file() else "?"
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cast_quietly(pipe, torch.float16).save_pretrained(tmp, safe_serialization=True)
-    pipe.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))  # the CLIP-format vocab.json + merges.txt
-    for config in [tmp / "model_index.json", *tmp.glob("*/config.json"), tmp / "tokenizer" / "tokenizer_config.json"]:
-        values = json.loads(config.read_text())
-        for key in ("_name_or_path", "local_files_only", "is_local"):  # this machine's paths and load-time flags
-            values.pop(key, None)
-        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    (tmp / "README.md").write_text(CARD.format(
-        vae=count(pipe.vae), text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), unet=count(pipe.unet),
-        step=step, notice=(HERE / "NOTICE").read_text().strip()))
-    shutil.copy(HERE / "NOTICE", tmp / "NOTICE")
-    size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 2**20
-    if size_mb > MAX_MB:
-        raise SystemExit(f"assembled model is {size_mb:.1f} MB, over the {MAX_MB} MB budget; use a smaller preset")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with written_atomically(out) as tmp:
+        cast_quietly(pipe, torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))  # the CLIP-format vocab.json + merges.txt
+        configs = [tmp / "model_index.json", *tmp.glob("*/config.json"), tmp / "tokenizer" / "tokenizer_config.json"]
+        for config in configs:
+            values = json.loads(config.read_text())
+            for key in ("_name_or_path", "local_files_only", "is_local"):  # this machine's paths and load-time flags
+                values.pop(key, None)
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(CARD.format(
+            vae=count(pipe.vae), text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), unet=count(pipe.unet),
+            step=step, notice=(HERE / "NOTICE").read_text().strip()))
+        shutil.copy(HERE / "NOTICE", tmp / "NOTICE")
+        size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 2**20
+        if size_mb > MAX_MB:
+            raise SystemExit(f"assembled model is {size_mb:.1f} MB, over the {MAX_MB} MB budget; use a smaller preset")
     print(f"{out}: {size_mb:.1f} MB, UNet step {step}")
 
 

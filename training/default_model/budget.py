@@ -1,20 +1,40 @@
-"""What the recipe's small trainers (VAE, CLIP) share: a time budget that drives the learning rate, a log,
-and atomic checkpoints, so each stops anywhere and a re-run of the same command continues where it stopped.
+"""What the recipe's scripts share: a time budget that drives the learning rate, a log, atomic checkpoints, so each
+trainer stops anywhere and a re-run of the same command continues where it stopped, and folders that appear only
+once fully written, so recipe.sh never skips a stage whose outputs a killed run left half-done.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 
+@contextmanager
+def written_atomically(final: Path) -> Iterator[Path]:
+    """A fresh temp folder beside `final` to write into, renamed to `final` when the block ends without an error, so
+    `final` is never there half-written. An old `final` is moved aside first and deleted last: a crash in between
+    leaves it at `final.old` instead of losing both."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class BudgetedRun:
-    """Step counter, training seconds and the optimizer, saved together in `run/` and restored on start."""
+    """Step counter, training seconds and the optimizer, saved together in `run/checkpoint/` and restored on start."""
 
     def __init__(self, run: Path, minutes: float, steps: int = 0, eval_every_minutes: float = 3.0):
         self.run, self.minutes, self.steps = run, minutes, steps
@@ -31,19 +51,28 @@ class BudgetedRun:
         self._log.flush()
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if (self.run / "state.pt").exists():
-            model.load_state_dict(load_file(self.run / "model.safetensors"))
-            saved = torch.load(self.run / "state.pt", weights_only=True)
+        checkpoint = self._checkpoint()
+        if checkpoint:
+            model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+            saved = torch.load(checkpoint / "state.pt", weights_only=True)
             optimizer.load_state_dict(saved.pop("optimizer"))
             self.state = saved
             self.report(f"resumed at step {self.step} ({self.state['elapsed'] / 60:.1f} min)")
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Temp files, then rename: an interrupted save never corrupts a resume."""
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, self.run / "model.tmp")
-        torch.save({"optimizer": optimizer.state_dict(), **self.state}, self.run / "state.tmp")
-        os.replace(self.run / "model.tmp", self.run / "model.safetensors")
-        os.replace(self.run / "state.tmp", self.run / "state.pt")
+        """Weights and state in one folder that replaces the last one whole, so a resume never pairs new weights
+        with an old step and optimizer."""
+        with written_atomically(self.run / "checkpoint") as folder:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+            torch.save({"optimizer": optimizer.state_dict(), **self.state}, folder / "state.pt")
+        for name in ("model.safetensors", "state.pt"):  # the earlier layout's files, now stale
+            (self.run / name).unlink(missing_ok=True)
+
+    def _checkpoint(self) -> Path | None:
+        """The newest complete checkpoint: `checkpoint/`; `checkpoint.old/` when a save stopped between its two
+        renames; the run folder itself for runs saved before checkpoints were folders."""
+        folders = (self.run / "checkpoint", self.run / "checkpoint.old", self.run)
+        return next((folder for folder in folders if (folder / "state.pt").is_file()), None)
 
     @property
     def step(self) -> int:

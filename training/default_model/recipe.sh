@@ -4,21 +4,22 @@
 # Every stage resumes where it stopped (re-run the same command), so it can run across sessions:
 #   nohup bash training/default_model/recipe.sh > ~/ldm-runs/recipe.log 2>&1 &
 # UNET_MINUTES bounds this invocation's UNet training (default 90); it continues on the next run.
+# A stage is skipped once its metrics.json exists; each script makes it appear only after all the stage's outputs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=~/ldm-runs
 HERE=training/default_model
 
 python $HERE/build_emoji_dataset.py --output $RUNS/data/emoji64                       # npm pack, pinned versions
-[ -d $RUNS/vae/final ] || python $HERE/train_vae.py --run $RUNS/vae --minutes 45      # f=4 AutoencoderKL
-[ -d $RUNS/clip/text_encoder ] || python $HERE/train_clip.py --minutes 12             # tokenizer + text tower
-[ -f $RUNS/evaluator/clip.safetensors ] || python $HERE/train_clip.py --evaluator --minutes 11
+[ -f $RUNS/vae/final/metrics.json ] || python $HERE/train_vae.py --run $RUNS/vae --minutes 45    # f=4 AutoencoderKL
+[ -f $RUNS/clip/metrics.json ] || python $HERE/train_clip.py --minutes 12             # tokenizer + text tower
+[ -f $RUNS/evaluator/metrics.json ] || python $HERE/train_clip.py --evaluator --minutes 11
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     training/train_ldm.py --config configs/emoji64.yaml train.max_minutes="${UNET_MINUTES:-90}"
 # Decoder-only fine-tunes: the encoder, latents and scaling_factor stay as the UNet saw them.
 # First the decoder as it is, then widened 2x (Net2WiderNet: same function, more channels to fine-tune).
-if [ ! -d $RUNS/vae-wide/final ]; then
-    [ -d $RUNS/vae-decoder/final ] || python $HERE/train_vae.py --init $RUNS/vae/final --decoder-only \
+if [ ! -f $RUNS/vae-wide/final/metrics.json ]; then
+    [ -f $RUNS/vae-decoder/final/metrics.json ] || python $HERE/train_vae.py --init $RUNS/vae/final --decoder-only \
         --run $RUNS/vae-decoder --steps 3100 --lr 3e-4
     python $HERE/train_vae.py --init $RUNS/vae-decoder/final --decoder-only --widen 2 \
         --run $RUNS/vae-wide --steps 3000 --lr 2e-4

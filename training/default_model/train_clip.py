@@ -4,6 +4,7 @@ Also trains the tokenizer (a CLIP-format byte-level BPE, loadable by `CLIPTokeni
 does not exist yet. With `--evaluator` the same recipe trains an independent CLIP (other seed,
 other image tower) that later scores generated images; `load_clip` loads either one.
 Resumable: checkpoints are written atomically and re-running the same command continues.
+The export writes `metrics.json` last (and removes it first): recipe.sh takes the stage as done by it.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import load_dataset
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from budget import BudgetedRun  # this folder's shared resume/time-budget helper
+from budget import BudgetedRun, written_atomically  # this folder's shared resume/time-budget helpers
+from emoji_data import load_split
 from ldm_app.evaluation import Clip
 
 MAX_LENGTH = 32
@@ -58,10 +58,11 @@ def train_tokenizer(rows: list[dict], vocab_size: int, out: Path) -> CLIPTokeniz
     tokens = base + [ch + "</w>" for ch in base] + [a + b for a, b in merges] + SPECIALS
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
-    tokenizer.save_pretrained(out)
-    # Plain vocab.json/merges.txt too, for loaders that rebuild the tokenizer from them.
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    with written_atomically(out) as folder:  # main() reuses `out` once it holds tokenizer_config.json
+        tokenizer.save_pretrained(folder)
+        # Plain vocab.json/merges.txt too, for loaders that rebuild the tokenizer from them.
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return CLIPTokenizer.from_pretrained(out)
 
 
@@ -79,12 +80,6 @@ def check_tokenizer(tokenizer: CLIPTokenizer, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------- data, eval
-
-
-def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, list[dict]]:
-    ds = load_dataset("imagefolder", data_dir=str(data_dir), split=split)
-    images = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in ds["image"]]))
-    return images.permute(0, 3, 1, 2).contiguous(), ds.remove_columns("image").to_list()
 
 
 def to_model(images: torch.Tensor) -> torch.Tensor:
@@ -206,17 +201,22 @@ def main() -> None:
                           f"{budget.examples_per_second():.0f} pairs/s test {test} train {train}")
             budget.save(model, opt)
 
-    # --- export: text encoder + tokenizer for the pipeline, whole CLIP for scoring ---
+    # --- export: text encoder + tokenizer for the pipeline, whole CLIP for scoring; metrics.json, which
+    # recipe.sh skips this stage by, goes first and comes back last, so a half-done export is never taken as done ---
     model.eval()
-    model.text_model.save_pretrained(run / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(run / "tokenizer")
+    (run / "metrics.json").unlink(missing_ok=True)
+    with written_atomically(run / "text_encoder") as folder:
+        model.text_model.save_pretrained(folder, safe_serialization=True)
+    with written_atomically(run / "tokenizer") as folder:
+        tokenizer.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run / "clip.safetensors")
     (run / "clip_config.json").write_text(json.dumps({"text": text_config.to_dict(), "tower": tower}, indent=2))
     metrics = {"test": retrieval(model, tokenizer, test_images, test_rows),
                "train_probe": retrieval(model, tokenizer, train_images[probe], [train_rows[i] for i in probe]),
                "text_params": n_text, "image_params": n_image, "steps": budget.step,
                "train_minutes": budget.state["elapsed"] / 60}
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run / "metrics.tmp").write_text(json.dumps(metrics, indent=2))
+    os.replace(run / "metrics.tmp", run / "metrics.json")
     budget.report(f"final {json.dumps(metrics)}")
 
 

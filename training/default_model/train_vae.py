@@ -3,7 +3,8 @@
 Small enough to train on 2 CPU cores in about half an hour: reconstruction (L1) plus a tiny
 KL term, no GAN. Resumable: checkpoints are written atomically to the run dir and re-running
 the same command continues from the last one. At the end `scaling_factor` is set to 1/std of
-the train latents so the UNet sees unit-variance latents.
+the train latents so the UNet sees unit-variance latents, and `final/` (weights + metrics.json)
+appears in one rename, so recipe.sh never takes a half-exported VAE as done.
 
 `--init <final dir> --decoder-only` fine-tunes only the decoder of a finished VAE: the encoder,
 latents and scaling_factor stay bit-identical, so a UNet already trained on them stays valid.
@@ -18,13 +19,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import load_dataset
 from diffusers import AutoencoderKL
 
-from budget import BudgetedRun  # this folder's shared resume/time-budget helper
+from budget import BudgetedRun, written_atomically  # this folder's shared resume/time-budget helpers
+from emoji_data import load_split
 
 KL_WEIGHT = 1e-6
 
@@ -72,12 +72,6 @@ def widen(vae: AutoencoderKL, factor: int, seed: int = 0) -> AutoencoderKL:
         state[name] = value
     wide.load_state_dict(state)
     return wide
-
-
-def load_split(data_dir: Path, split: str) -> torch.Tensor:
-    """Whole split as a uint8 NCHW tensor; the set is tiny, so keep it in memory."""
-    ds = load_dataset("imagefolder", data_dir=str(data_dir), split=split)
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in ds["image"]])).permute(0, 3, 1, 2)
 
 
 def to_model(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +122,7 @@ def main() -> None:
 
     # --- data ---
     data = args.data.expanduser()
-    train, test = load_split(data, "train"), load_split(data, "test")
+    (train, _), (test, _) = load_split(data, "train"), load_split(data, "test")
 
     # --- model, optimizer, resume ---
     vae = AutoencoderKL.from_pretrained(args.init.expanduser()) if args.init else build_vae(args.width)
@@ -172,11 +166,12 @@ def main() -> None:
     mean, std, per_channel = latent_stats(vae, train)
     if not args.decoder_only:
         vae.register_to_config(scaling_factor=1.0 / std)
-    vae.to(memory_format=torch.contiguous_format).save_pretrained(run / "final", safe_serialization=True)
     summary = {"test_psnr_db": test_psnr, "train_psnr_db_first512": train_psnr, "latent_mean": mean,
                "latent_std": std, "latent_std_per_channel": per_channel, "scaling_factor": vae.config.scaling_factor,
                "params": n_params, "steps": budget.step, "train_minutes": budget.state["elapsed"] / 60}
-    (run / "final" / "metrics.json").write_text(json.dumps(summary, indent=2))
+    with written_atomically(run / "final") as final:  # recipe.sh skips this stage once final/metrics.json exists
+        vae.to(memory_format=torch.contiguous_format).save_pretrained(final, safe_serialization=True)
+        (final / "metrics.json").write_text(json.dumps(summary, indent=2))
     budget.report(f"final {json.dumps(summary)}")
 
 
