@@ -17,12 +17,11 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ldm_app import LdmPipeline
 from ldm_app.data import decode_image
-from ldm_app.evaluation import psnr
+from ldm_app.evaluation import psnr, unit_tensor
 from ldm_app.inversion import invert, prepare_image, vae_round_trip
 
 
@@ -37,10 +36,6 @@ def load_images(folder: Path, count: int) -> list[tuple]:
         if len(pairs) == count:
             break
     return pairs
-
-
-def unit(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
 def main() -> None:
@@ -86,7 +81,7 @@ def main() -> None:
             start = time.perf_counter()
             inversion = invert(pipe, image, caption, method, args.steps, guidance, **extra)
             seconds = time.perf_counter() - start
-            results[name][0].append(psnr(unit(inversion.reconstruction), target).item())
+            results[name][0].append(psnr(unit_tensor(inversion.reconstruction), target).item())
             results[name][1].append(seconds)
 
     # Table

@@ -15,6 +15,8 @@ from typing import Iterator
 import datasets
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from .cache import EncodedDataset, encode_captions, encode_images, tokenize
 from .config import DataConfig
@@ -64,7 +66,8 @@ class Batch:
     context: torch.Tensor | None  # (B, T, D) their frozen text-encoder hidden states (None: encoded in-graph)
 
 
-def text_batch(mean: torch.Tensor, std: torch.Tensor, captions: list[str], tokenizer, text_encoder) -> Batch:
+def text_batch(mean: torch.Tensor, std: torch.Tensor, captions: list[str], tokenizer: CLIPTokenizer,
+               text_encoder: CLIPTextModel | None) -> Batch:
     """A batch of on-the-fly encodings; no frozen text states when `text_encoder` is None (it is being trained)."""
     context = encode_captions(tokenizer, text_encoder, captions).cpu() if text_encoder is not None else None
     return Batch(mean.cpu(), std.cpu(), tokenize(tokenizer, captions), context)
@@ -138,7 +141,8 @@ class EncodingBatches:
     """Batches decoded (in `num_workers` data-loader workers) and encoded on the fly, every step: the work
     the cache saves. An image that fails to decode is skipped and counted."""
 
-    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, seed: int, vae, tokenizer, text_encoder):
+    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, seed: int, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
+                 text_encoder: CLIPTextModel | None):
         self.dataset = _PositionDataset(ds, cfg, seed)
         self.cfg, self.vae, self.tokenizer, self.text_encoder = cfg, vae, tokenizer, text_encoder
         self.skipped = 0
@@ -161,18 +165,20 @@ class EncodingBatches:
 class StreamingBatches:
     """Batches from an iterable (streaming) dataset, shuffled through a buffer; for data larger than the disk.
 
-    Resuming skips the examples already consumed, so order is reproduced but skipping costs a pass.
+    Resuming skips the examples already consumed, so order is reproduced but skipping costs a pass. Only
+    decodable examples count as consumed, so undecodable ones cannot shift a resumed run.
     """
 
     def __init__(self, ds: datasets.IterableDataset, cfg: DataConfig, seed: int, rank: int, world: int,
-                 vae, tokenizer, text_encoder, buffer_size: int = 1000):
+                 vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel | None,
+                 buffer_size: int = 1000):
         from datasets.distributed import split_dataset_by_node
 
         self.cfg, self.seed = cfg, seed
         self.vae, self.tokenizer, self.text_encoder = vae, tokenizer, text_encoder
         self.ds = split_dataset_by_node(ds.shuffle(seed=seed, buffer_size=buffer_size), rank=rank, world_size=world)
         self._iter: Iterator | None = None
-        self._position = 0
+        self._position = 0  # decodable examples consumed: micro-step s starts at s · batch_size
         self._epoch = 0
         self.skipped = 0
 
@@ -186,11 +192,11 @@ class StreamingBatches:
             except StopIteration:
                 self._iter, self._epoch = None, self._epoch + 1
                 continue
-            self._position += 1
             image = decode_image(example["image"])
             if image is None:
                 self.skipped += 1
                 continue
+            self._position += 1
             return image, *caption_variants(example, self.cfg)
 
     def __call__(self, micro_step: int, batch_size: int, rank: int, world: int) -> Batch:

@@ -10,13 +10,18 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
 
 from .png_metadata import GenerationParams, read_params, save_png
 from .samplers import SAMPLERS, make_scheduler
+
+if TYPE_CHECKING:  # imported lazily at run time, so `ldm-app --help` starts fast
+    from .pipeline import LdmPipeline
 
 MAX_SIZE = 4096
 DEFAULT_MODEL = "default"
@@ -46,6 +51,7 @@ class OneLineErrors(click.Group):
 
 
 def pick_device(device: str) -> torch.device:
+    """`auto`: CUDA, then Apple's MPS, then the CPU."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -60,12 +66,13 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 on CUDA (half the memory, tensor cores), fp32 elsewhere (CPUs gain nothing from halves)."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, quiet: bool = False):
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, quiet: bool = False) -> LdmPipeline:
     """The embedded default model or a pipeline folder / hub id, on `device`, with user-facing errors."""
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
@@ -264,7 +271,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def apply_loras(pipe, specs: tuple[str, ...] | list[str]) -> None:
+def apply_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> None:
     """Load each LoRA as its own adapter and activate them all with their scales."""
     names, scales = [], []
     for i, spec in enumerate(specs):
@@ -288,7 +295,7 @@ def read_params_or_fail(path: str) -> GenerationParams:
         raise UserError(str(err)) from None
 
 
-def warn_if_truncated(pipe, prompt: str, note) -> None:
+def warn_if_truncated(pipe: LdmPipeline, prompt: str, note: Callable[[str], None]) -> None:
     """Say once, before sampling, how many tokens the text encoder will not see (not once per batch)."""
     dropped = pipe.dropped_tokens(prompt)
     if dropped:

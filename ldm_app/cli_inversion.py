@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
-import numpy as np
 import PIL.Image
 import torch
 
 from .atomic import atomic_write
 from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, pick_device
 from .data import decode_image
-from .evaluation import psnr
+from .evaluation import psnr, unit_tensor
 from .inversion import METHODS, Inversion, edit, invert, prepare_image, vae_round_trip
+from .pipeline import LdmPipeline
 
 INVERT_EXAMPLES = """
 
@@ -65,8 +66,8 @@ def write_png(image: PIL.Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def run_inversion(pipe, image: PIL.Image.Image, prompt: str, method: str, steps: int, guidance: float | None,
-                  inner_steps: int, note) -> Inversion:
+def run_inversion(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method: str, steps: int,
+                  guidance: float | None, inner_steps: int, note: Callable[[str], None]) -> Inversion:
     """`inversion.invert` with library errors as one-line user errors, and a note when the image was resized."""
     extra = {"num_inner_steps": inner_steps} if method == "null-text" else {}
     try:
@@ -78,11 +79,6 @@ def run_inversion(pipe, image: PIL.Image.Image, prompt: str, method: str, steps:
         note(f"note: the {w}x{h} image was resized and center-cropped to the model's {pipe.default_size}x"
              f"{pipe.default_size}")
     return inversion
-
-
-def unit(image: PIL.Image.Image) -> torch.Tensor:
-    """PIL → (1, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
 @app.command("invert", epilog=INVERT_EXAMPLES)
@@ -124,7 +120,7 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
     # 3. PSNR of the reconstruction against the input, and of the VAE alone (no inversion can do better)
     pixels, _ = prepare_image(pipe, picture)
     target, vae_only = pixels / 2 + 0.5, vae_round_trip(pipe, pixels).cpu() / 2 + 0.5
-    recon = unit(inversion.reconstruction)
+    recon = unit_tensor(inversion.reconstruction)
     click.echo(f"PSNR reconstruction vs input: {psnr(recon, target).item():.2f} dB")
     click.echo(f"PSNR reconstruction vs VAE round trip: {psnr(recon, vae_only).item():.2f} dB")
     click.echo(f"PSNR VAE round trip vs input (the ceiling): {psnr(vae_only, target).item():.2f} dB")

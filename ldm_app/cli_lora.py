@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -14,7 +15,7 @@ from .cli import DEFAULT_MODEL, UserError, app, load_pipeline
 from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from .data import IMAGE_EXTENSIONS, decode_image
 from .lora import KOHYA_FILE, LORA_FILE
-from .pipeline import DEFAULT_MODEL_DIR
+from .pipeline import DEFAULT_MODEL_DIR, LdmPipeline
 
 FINETUNE_EXAMPLES = """
 
@@ -28,7 +29,8 @@ Examples:
 """
 
 
-def stage_photos(photos: Path, data_dir: Path, prompt: str | None, resolution: int, note) -> int:
+def stage_photos(photos: Path, data_dir: Path, prompt: str | None, resolution: int,
+                 note: Callable[[str], None]) -> int:
     """Copy every decodable image as an RGB PNG (EXIF applied) with a .txt caption into `data_dir`.
 
     Captions: a same-named .txt file, else the photo's `text` in metadata.jsonl, else `prompt`. Returns the
@@ -65,7 +67,7 @@ def stage_photos(photos: Path, data_dir: Path, prompt: str | None, resolution: i
     return used
 
 
-def write_class_images(pipe, data_dir: Path, class_prompts: list[str], count: int, seed: int) -> None:
+def write_class_images(pipe: LdmPipeline, data_dir: Path, class_prompts: list[str], count: int, seed: int) -> None:
     """DreamBooth prior preservation: the base model's own images of the class (the class prompts in turn),
     trained on beside the photos so that the class keeps its look."""
     for i in range(count):

@@ -83,10 +83,10 @@ def unet_class(path: str | os.PathLike, subfolder: str | None = None) -> type[Ld
     return UNET_CLASSES[name]
 
 
-def load_unet(path: str | os.PathLike, subfolder: str | None = None, dtype: torch.dtype | None = None) -> UNet:
+def load_unet(path: str | os.PathLike, subfolder: str | None = None) -> UNet:
     """An `LdmUNet` or diffusers `UNet2DConditionModel`, whichever the folder holds."""
     path = _resolve(path)
     _check_local_folder(path, subfolder, "UNet")
     if _is_local(path) and not (Path(path) / (subfolder or "") / "config.json").is_file():
         raise ValueError(f"No config.json in {Path(path) / (subfolder or '')}; point to a UNet or pipeline folder.")
-    return _cast(unet_class(path, subfolder).from_pretrained(path, subfolder=subfolder), dtype)
+    return unet_class(path, subfolder).from_pretrained(path, subfolder=subfolder)

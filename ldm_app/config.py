@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .atomic import atomic_write
+
 
 @dataclass
 class DataConfig:
@@ -37,26 +39,26 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     vae: str = ""  # VAE folder or hub id (a pipeline folder works with vae_subfolder="vae")
-    vae_subfolder: str | None = None
+    vae_subfolder: str | None = None  # folder inside `vae` (default: "vae" when `vae` is a pipeline folder)
     text_encoder: str = ""  # CLIP text encoder folder or hub id
-    text_encoder_subfolder: str | None = None
+    text_encoder_subfolder: str | None = None  # likewise ("text_encoder")
     tokenizer: str = ""  # CLIP tokenizer folder or hub id (default: the text encoder's location)
-    tokenizer_subfolder: str | None = None
+    tokenizer_subfolder: str | None = None  # likewise ("tokenizer"); used only when `tokenizer` is set
     unet_preset: str = "small"  # LdmUNet size when training from scratch (see ldm_app.unet.UNET_PRESETS)
     unet_overrides: dict[str, Any] = field(default_factory=dict)  # LdmUNet arguments that override the preset
     pretrained_unet: str | None = None  # start from a UNet or pipeline folder instead (LdmUNet or UNet2DConditionModel)
-    pretrained_unet_subfolder: str | None = None
+    pretrained_unet_subfolder: str | None = None  # likewise ("unet")
     gradient_checkpointing: bool = False  # trade compute for activation memory
 
 
 @dataclass
 class ObjectiveConfig:
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # ε, x0 or v view of the loss
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    num_train_timesteps: int = 1000
-    zero_terminal_snr: bool = False  # rescale betas so x_T is pure noise (Lin et al. 2023); use with v_prediction
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"  # β_t over t (SD's)
+    beta_start: float = 0.00085  # β_1 (linear schedules)
+    beta_end: float = 0.012  # β_T (linear schedules)
+    num_train_timesteps: int = 1000  # T, the number of forward-process steps
+    zero_terminal_snr: bool = False  # rescale betas so x_T is pure noise (Lin et al. 2023); not with epsilon
     snr_gamma: float | None = 5.0  # min-SNR-γ loss weighting (Hang et al. 2023); None = plain MSE
     caption_dropout: float = 0.1  # probability of the empty prompt, so classifier-free guidance works
     noise_offset: float = 0.0  # per-channel offset noise (helps very dark / bright images)
@@ -65,31 +67,32 @@ class ObjectiveConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/ldm"  # run folder: config, checkpoints, cache, logs, samples, final pipeline
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and all noise follow from it
     batch_size: int = 64  # per process
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 10_000  # optimizer steps
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall time; re-run to continue
-    learning_rate: float = 2e-4
-    lr_scheduler: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = 500
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
+    learning_rate: float = 2e-4  # peak AdamW learning rate, reached after the warm-up
+    lr_scheduler: Literal["constant", "cosine"] = "cosine"  # after the warm-up: hold, or cosine decay to 0 at max_steps
+    warmup_steps: int = 500  # linear warm-up from 0 to learning_rate (with either scheduler)
+    adam_beta1: float = 0.9  # AdamW's first-moment decay
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast; master weights stay fp32
-    use_ema: bool = True
+    use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets sampled and exported
     ema_decay: float = 0.999  # EMAModel's maximum decay (warm-up lets early steps move faster)
     cache: bool = True  # cache VAE posteriors and text-encoder states once, in the run folder
     channels_last: bool = True  # faster convolutions on CPU and GPU
     checkpoint_every: int = 500  # steps between accelerator.save_state checkpoints
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     log_every: int = 10  # steps between TensorBoard scalars
     validation_every: int = 1000  # steps between validation grids (0 = off)
-    validation_prompts: list[str] = field(default_factory=lambda: ["a cat", "a red heart", "a smiling face", "a dog"])
-    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    validation_steps: int = 25
-    validation_guidance: float = 5.0
+    validation_prompts: list[str] = field(  # one column of the validation grid each
+        default_factory=lambda: ["a cat", "a red heart", "a smiling face", "a dog"])
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])  # one row of the grid each
+    validation_steps: int = 25  # DDIM steps per validation image
+    validation_guidance: float = 5.0  # classifier-free guidance scale of the validation images
 
 
 @dataclass
@@ -102,11 +105,11 @@ class LoraTrainConfig:
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # what to train on
+    model: ModelConfig = field(default_factory=ModelConfig)  # the frozen encoders and the UNet
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # noise schedule and loss
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop: optimizer, checkpoints, validation
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)  # LoRA fine-tuning instead of full training
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -175,7 +178,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of sections (data, model, objective, train).")
+            raise ValueError(f"{path} must hold a mapping of sections "
+                             f"({', '.join(f.name for f in dataclasses.fields(Config))}).")
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ValueError(f"Section {section!r} in {path} must be a mapping of key: value.")
@@ -186,16 +190,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not sep:
             raise ValueError(f"Override {item!r} must look like section.key=value, e.g. train.batch_size=64.")
         _apply(config, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    validate_config(config)
     return config
 
 
+def validate_config(config: Config) -> None:
+    """Settings that load but cannot work together; the error says how to fix them."""
+    o = config.objective
+    if o.zero_terminal_snr and o.prediction_type == "epsilon":  # the first DDIM step divides by √ᾱ_T = 0
+        raise ValueError("objective.zero_terminal_snr=true with prediction_type=epsilon samples NaN images; "
+                         "set objective.prediction_type=v_prediction.")
+
+
 def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain dicts and lists, for YAML."""
     return dataclasses.asdict(config)
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -125,10 +125,9 @@ class Example:
 
 
 def iter_examples(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig,
-                  indices: Iterator[int] | None = None, skipped: list[int] | None = None) -> Iterator[Example]:
+                  skipped: list[int] | None = None) -> Iterator[Example]:
     """Decoded, preprocessed (center-crop, no flip) examples; undecodable images are counted in `skipped`."""
-    source = (ds[i] for i in indices) if indices is not None else iter(ds)
-    for example in source:
+    for example in ds:
         image = decode_image(example["image"])
         if image is None:
             if skipped is not None:

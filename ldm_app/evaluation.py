@@ -8,11 +8,18 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def unit_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (1, 3, H, W) tensor in [0, 1], the range `psnr` expects."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

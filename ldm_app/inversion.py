@@ -69,6 +69,7 @@ class Inversion:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Inversion":
+        """Read a file written by `save` (safetensors only: nothing is unpickled)."""
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = (f.metadata() or {}).get(METADATA_KEY)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -308,9 +308,3 @@ def cast_quietly(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeli
         return pipe.to(dtype=dtype)
     finally:
         logging.set_verbosity(verbosity)
-
-
-def default_scheduler() -> DDIMScheduler:
-    """The DDIM scheduler this project trains and samples with (SD-1.x noise schedule)."""
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")

@@ -20,11 +20,3 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
         raise ValueError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
     cls, extra, _ = SAMPLERS[name]
     return cls.from_config({**config, **extra})
-
-
-def sampler_name(scheduler: SchedulerMixin) -> str:
-    """The short name of a scheduler instance (as used by `--sampler`), or its class name."""
-    for name, (cls, extra, _) in SAMPLERS.items():
-        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
-            return name
-    return type(scheduler).__name__

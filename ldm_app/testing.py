@@ -11,7 +11,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .pipeline import LdmPipeline, default_scheduler
+from .config import ObjectiveConfig
+from .diffusion import sampling_scheduler
+from .pipeline import LdmPipeline
 from .unet import LdmUNet
 
 TINY_WORDS = ["a", "cat", "dog", "red", "blue", "heart", "face", "smiling", "emoji", "photo", "of", "sks"]
@@ -79,7 +81,7 @@ def tiny_components(unet_kind: Literal["ldm", "diffusers"] = "ldm", seed: int = 
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                     attention_head_dim=8, norm_num_groups=8)
     return dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                scheduler=default_scheduler())
+                scheduler=sampling_scheduler(ObjectiveConfig()))
 
 
 def tiny_pipeline(unet_kind: Literal["ldm", "diffusers"] = "ldm", seed: int = 0) -> LdmPipeline:

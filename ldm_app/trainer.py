@@ -17,15 +17,19 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from .atomic import atomic_write
 from .batches import Batch, CachedBatches, EncodingBatches, StreamingBatches, seeded_generator
 from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_build_cache, tokenize
 from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
-from .config import Config, ObjectiveConfig, save_config
+from .config import Config, ObjectiveConfig, TrainConfig, save_config, validate_config
 from .data import load_image_dataset
 from .lora import (KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, lora_state_dict,
                    save_atomic, to_kohya)
@@ -61,6 +65,7 @@ def build_unet(config: Config, cross_attention_dim: int, latent_channels: int, l
 
 
 def checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder`, oldest first (a run resumes from the last)."""
     return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -78,6 +83,14 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int
     accelerator.wait_for_everyone()
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig) -> LambdaLR:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at `max_steps`."""
+    name = t.lr_scheduler
+    if name == "constant" and t.warmup_steps > 0:  # diffusers' "constant" silently drops num_warmup_steps
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+
+
 def with_ema(models: list[torch.nn.Module], ema: EMAModel | None) -> list[torch.nn.Module]:
     """Copies of the trained models carrying the EMA weights (the weights we sample and export with)."""
     copies = [copy.deepcopy(m) for m in models]
@@ -87,6 +100,7 @@ def with_ema(models: list[torch.nn.Module], ema: EMAModel | None) -> list[torch.
 
 
 def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
+    """Sample the validation prompts (columns) × seeds (rows) into one image, written atomically."""
     t = config.train
     images = []
     for seed in t.validation_seeds:
@@ -94,18 +108,22 @@ def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
                        guidance_scale=t.validation_guidance,
                        generator=[torch.Generator().manual_seed(seed) for _ in t.validation_prompts]).images
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=len(t.validation_seeds), cols=len(t.validation_prompts)).save(path)
+    with atomic_write(path) as tmp:
+        make_image_grid(images, rows=len(t.validation_seeds), cols=len(t.validation_prompts)).save(tmp)
 
 
 def export_pipeline(pipe: LdmPipeline, folder: Path, step: int) -> None:
-    """Write the pipeline folder atomically (temp folder, then rename) with the step it holds."""
-    tmp = folder.with_name(folder.name + ".tmp")
+    """Write the pipeline folder with the step it holds, so that a crash at any point leaves a complete one:
+    the new folder is written beside it, the old one renamed aside (`.old`), the new one renamed in."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "training_step.json").write_text(json.dumps({"step": step}))
     if folder.exists():
-        shutil.rmtree(folder)
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash; `folder` is the complete one
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,11 +131,13 @@ def export_pipeline(pipe: LdmPipeline, folder: Path, step: int) -> None:
 
 
 def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> Path:
-    """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder.
+    """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder, or with
+    LoRA (`lora.rank > 0`) the adapters' file, `pytorch_lora_weights.safetensors`.
 
     `setup_unet` may freeze parameters or add adapters before the optimizer is built (LoRA fine-tuning);
     only parameters that still require grad are optimised.
     """
+    validate_config(config)  # also for a Config built in code rather than by load_config
     t, obj = config.train, config.objective
     out = Path(t.output_dir).expanduser()
 
@@ -199,14 +219,14 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     # Optimizer, LR warm-up + decay, and the noise schedule of the forward process
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=t.max_steps)
+    lr_scheduler = lr_schedule(optimizer, t)
     scheduler = noise_scheduler(obj)
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed reads the micro-batch from a dataloader we lack
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
     *trained, optimizer = accelerator.prepare(*trained, optimizer)
     unet = trained[0]
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
-        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
     # Resume from the last complete checkpoint
@@ -217,6 +237,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         accelerator.load_state(str(last))
         step = int(last.name.split("-")[1])
         accelerator.print(f"Resuming from {last} (step {step})")
+    if ema is not None:  # after load_state: it loads the EMA weights onto the CPU
+        ema.to(accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers("ldm")
 
@@ -265,6 +287,10 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
             accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
             break
     bar.close()
+    if not t.cache:  # the cache reports its undecodable images when it is built
+        skipped = accelerator.reduce(torch.tensor(batches.skipped, device=accelerator.device), "sum")
+        accelerator.print(f"{int(skipped)} undecodable images skipped while making batches "
+                          "(a bad file counts each time it comes up)")
 
     # Export the pipeline, or just the LoRA adapters (EMA weights where kept)
     if accelerator.is_main_process:
@@ -286,8 +312,9 @@ def export_lora(pipe: LdmPipeline, folder: Path, kohya: bool, text_encoder: bool
         save_atomic(to_kohya(state), folder / KOHYA_FILE, {"ss_network_module": "networks.lora"})
 
 
-def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema: EMAModel | None, vae,
-                  text_encoder, tokenizer, config: Config) -> LdmPipeline:
+def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema: EMAModel | None,
+                  vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                  config: Config) -> LdmPipeline:
     """A pipeline with the trained models' EMA weights (the UNet, and the text encoder where it trains)."""
     unet, *trained_text = with_ema([accelerator.unwrap_model(m) for m in trained], ema)
     pipe = LdmPipeline(vae=vae, text_encoder=trained_text[0] if trained_text else text_encoder, tokenizer=tokenizer,
@@ -296,7 +323,7 @@ def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema:
     return pipe
 
 
-def training_loss(unet: UNet, scheduler, batch: Batch, empty: torch.Tensor, obj: ObjectiveConfig,
+def training_loss(unet: UNet, scheduler: DDPMScheduler, batch: Batch, empty: torch.Tensor, obj: ObjectiveConfig,
                   generator: torch.Generator, scaling: float, device: torch.device,
                   text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
     """One step's loss: z ~ q(z|x) from the VAE posterior, captions dropped to ∅ for CFG, then the

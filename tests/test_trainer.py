@@ -1,23 +1,28 @@
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
 from ldm_app.batches import CachedBatches, EncodingBatches, seeded_generator
 from ldm_app.cache import build_encoded_dataset, module_fingerprint
 from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
-from ldm_app.config import load_config
+from ldm_app.config import Config, ObjectiveConfig, TrainConfig, load_config
 from ldm_app.data import load_image_dataset
 from ldm_app.diffusion import noise_scheduler
-from ldm_app.testing import tiny_components, write_tiny_run_inputs, write_toy_dataset
-from ldm_app.trainer import TrainingError, train, training_loss
+from ldm_app.testing import tiny_components, tiny_pipeline, write_tiny_run_inputs, write_toy_dataset
+from ldm_app.trainer import (TrainingError, export_pipeline, lr_schedule, train, training_loss,
+                             validation_grid)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -104,13 +109,92 @@ def test_sidecar_caption_folders_load(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(inputs, tmp_path):
-    config = tiny_config(inputs, tmp_path, "train.max_steps=3")
+    config = tiny_config(inputs, tmp_path, "train.max_steps=6", "train.checkpoint_every=2")
+    calls = []
+
+    def poison_from_step_3(module, args):  # forward 4 is step 3's: NaN after checkpoint-2 was written
+        calls.append(1)
+        return (args[0] * float("nan"),) if len(calls) > 3 else None
 
     def poison(unet):
-        unet.conv_out.bias.data.fill_(float("nan"))
+        unet.conv_out.register_forward_pre_hook(poison_from_step_3)
 
-    with pytest.raises(TrainingError, match="at step 0"):
+    with pytest.raises(TrainingError, match="at step 3.*checkpoint-2"):
         train(config, setup_unet=poison)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    weights = load_file(tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "pipeline").exists()
+
+
+def test_resume_moves_the_loaded_ema_to_the_device(inputs, tmp_path, monkeypatch):
+    # accelerate's load_state loads the EMA weights with map_location="cpu": on a GPU they must move afterwards
+    train(tiny_config(inputs, tmp_path, "train.max_steps=1", "train.checkpoint_every=1"))
+    events = []
+    for name in ("load_state_dict", "to"):
+        def spy(self, *args, _name=name, _original=getattr(EMAModel, name), **kwargs):
+            events.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(EMAModel, name, spy)
+    train(tiny_config(inputs, tmp_path, "train.max_steps=2", "train.checkpoint_every=1"))
+    assert "load_state_dict" in events and "to" in events[events.index("load_state_dict"):], events
+
+
+def test_zero_terminal_snr_with_epsilon_is_a_clear_error():
+    with pytest.raises(ValueError, match="set objective.prediction_type=v_prediction"):
+        load_config(None, ["objective.zero_terminal_snr=true"])
+    with pytest.raises(ValueError, match="set objective.prediction_type=v_prediction"):  # a Config built in code
+        train(Config(objective=ObjectiveConfig(zero_terminal_snr=True)))
+    load_config(None, ["objective.zero_terminal_snr=true", "objective.prediction_type=v_prediction"])
+
+
+@pytest.mark.parametrize("scheduler, warmup", [("constant", 4), ("cosine", 4), ("constant", 0)])
+def test_learning_rate_warms_up_with_either_scheduler(scheduler, warmup):
+    t = TrainConfig(learning_rate=1e-3, lr_scheduler=scheduler, warmup_steps=warmup, max_steps=100)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=t.learning_rate)
+    schedule, lrs = lr_schedule(optimizer, t), []
+    for _ in range(warmup + 1):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs == sorted(set(lrs)) and lrs[-1] == pytest.approx(1e-3)  # rising to the peak at step `warmup`
+
+
+def test_export_keeps_a_complete_pipeline_when_interrupted(tmp_path, monkeypatch):
+    pipe, folder = tiny_pipeline(), tmp_path / "pipeline"
+    export_pipeline(pipe, folder, 1)
+    replace = os.replace
+
+    def killed_before_the_new_folder_is_in_place(src, dst):
+        if Path(src).name == "pipeline.tmp":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_new_folder_is_in_place)
+    with pytest.raises(KeyboardInterrupt):
+        export_pipeline(pipe, folder, 2)
+    steps = [json.loads((f / "training_step.json").read_text())["step"]
+             for f in (folder, tmp_path / "pipeline.old") if f.is_dir()]
+    assert steps == [1]
+    monkeypatch.undo()
+    export_pipeline(pipe, folder, 3)  # the next export tidies up
+    assert json.loads((folder / "training_step.json").read_text())["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+
+
+def test_validation_grid_is_replaced_whole(tmp_path, monkeypatch):
+    config, pipe, path = load_config(TINY, ["train.validation_steps=1"]), tiny_pipeline(), tmp_path / "step.png"
+    validation_grid(pipe, config, path)
+    before = path.read_bytes()
+
+    def disk_full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half a png")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", disk_full)
+    with pytest.raises(OSError):
+        validation_grid(pipe, config, path)
+    assert path.read_bytes() == before
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -159,19 +243,34 @@ def test_two_process_ddp_run_exports_a_loadable_pipeline(inputs, tmp_path):
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 
-def test_bad_config_key_is_one_line_with_the_valid_keys(tmp_path):
-    proc = run_cli("training/train_ldm.py", "--config", str(TINY), "train.bacth_size=3")
+@pytest.mark.parametrize("override, message", [
+    ("train.bacth_size=3", "valid keys in 'train'"),  # a typo names the valid keys
+    ("train.validation_prompts=[a", "expected ',' or ']'"),  # broken YAML in a value
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, override, message):
+    proc = run_cli("training/train_ldm.py", "--config", str(TINY), override)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2
-    assert "valid keys in 'train'" in out and "batch_size" in out and "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out
 
 
 @pytest.mark.parametrize("extra", [["data.streaming=true"], ["data.num_workers=2"]])
-def test_uncached_runs_stream_or_use_loader_workers(inputs, tmp_path, extra):
-    config = tiny_config(inputs, tmp_path, "train.cache=false", "train.max_steps=3", "train.batch_size=4", *extra)
+def test_uncached_runs_stream_or_use_loader_workers(inputs, tmp_path, extra, capsys):
+    data, out = write_toy_dataset(tmp_path / "data", n=8, corrupt=2), tmp_path / "run"
+    config = tiny_config(inputs, out, f"data.path={data}", "train.cache=false", "train.max_steps=3",
+                         "train.batch_size=4", *extra)
     pipe = LdmPipeline.from_pretrained(train(config))
-    assert (tmp_path / "checkpoints" / "checkpoint-3").is_dir() and not (tmp_path / "cache").exists()
-    assert isinstance(pipe.unet, torch.nn.Module)
+    ckpt = out / "checkpoints" / "checkpoint-3"
+    assert ckpt.is_dir() and not (out / "cache").exists()
+    # 12 examples from 8 good images: a whole pass, so both bad files came up and were counted
+    assert int(re.search(r"(\d+) undecodable images skipped", capsys.readouterr().out).group(1)) >= 2
+    # the export carries the EMA weights (custom state 0 is the LR scheduler, 1 the EMA)
+    ema = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)["shadow_params"]
+    exported = list(pipe.unet.parameters())
+    assert len(exported) == len(ema)
+    for a, b in zip(exported, ema):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_streaming_with_cache_is_a_clear_error(inputs, tmp_path):

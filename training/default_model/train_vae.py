@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+
+from ldm_app.evaluation import psnr
 
 from budget import BudgetedRun, written_atomically  # this folder's shared resume/time-budget helpers
 from emoji_data import load_split
@@ -79,17 +80,16 @@ def to_model(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> float:
-    """Round-trip PSNR (posterior mode, output clamped) in dB over [-1, 1] images (peak-to-peak 2)."""
+def round_trip_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> float:
+    """Mean per-image PSNR (dB) of the round trip through the posterior mode, as the benchmark reports it."""
     vae.eval()
-    errors = []
+    values = []
     for chunk in images.split(batch):
         x = to_model(chunk)
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        errors.append(((y - x) ** 2).mean(dim=(1, 2, 3)))
+        values.append(psnr((y + 1) / 2, (x + 1) / 2))
     vae.train()
-    mse = torch.cat(errors).mean().item()
-    return 10 * math.log10(4.0 / mse)
+    return torch.cat(values).mean().item()
 
 
 @torch.no_grad()
@@ -158,11 +158,11 @@ def main() -> None:
         if budget.eval_due():
             budget.report(f"step {budget.step} {budget.state['elapsed'] / 60:.1f}min lr {lr:.2e} "
                           f"loss {loss.item():.4f} kl {kl.item():.2f} {budget.examples_per_second():.1f} img/s "
-                          f"test PSNR {psnr(vae, test):.2f} dB")
+                          f"test PSNR {round_trip_psnr(vae, test):.2f} dB")
             budget.save(vae, opt)
 
     # --- final metrics, scaling factor, export ---
-    test_psnr, train_psnr = psnr(vae, test), psnr(vae, train[:512])
+    test_psnr, train_psnr = round_trip_psnr(vae, test), round_trip_psnr(vae, train[:512])
     mean, std, per_channel = latent_stats(vae, train)
     if not args.decoder_only:
         vae.register_to_config(scaling_factor=1.0 / std)
