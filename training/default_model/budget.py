@@ -54,7 +54,7 @@ class BudgetedRun:
         checkpoint = self._checkpoint()
         if checkpoint:
             model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-            saved = torch.load(checkpoint / "state.pt", weights_only=True)
+            saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
             optimizer.load_state_dict(saved.pop("optimizer"))
             self.state = saved
             self.report(f"resumed at step {self.step} ({self.state['elapsed'] / 60:.1f} min)")

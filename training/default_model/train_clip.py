@@ -23,9 +23,11 @@ from tokenizers import Tokenizer, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTokenizer
 
+from ldm_app.atomic import atomic_write
+from ldm_app.evaluation import Clip
+
 from budget import BudgetedRun, written_atomically  # this folder's shared resume/time-budget helpers
 from emoji_data import load_split
-from ldm_app.evaluation import Clip
 
 MAX_LENGTH = 32
 SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
@@ -215,8 +217,8 @@ def main() -> None:
                "train_probe": retrieval(model, tokenizer, train_images[probe], [train_rows[i] for i in probe]),
                "text_params": n_text, "image_params": n_image, "steps": budget.step,
                "train_minutes": budget.state["elapsed"] / 60}
-    (run / "metrics.tmp").write_text(json.dumps(metrics, indent=2))
-    os.replace(run / "metrics.tmp", run / "metrics.json")
+    with atomic_write(run / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
     budget.report(f"final {json.dumps(metrics)}")
 
 
