@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import PIL.Image
 import torch
+from safetensors import safe_open
 from transformers import CLIPTokenizer
 
 from ldm_app import LdmPipeline
@@ -19,6 +20,9 @@ def test_default_model_is_fp16_safetensors_under_40_mb():
     assert sum(p.stat().st_size for p in files) < 40 * 2**20
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    for path in weights:
+        with safe_open(str(path), framework="pt") as f:
+            assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F16"}, path
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
     assert (DEFAULT_MODEL_DIR / "NOTICE").is_file()
 
