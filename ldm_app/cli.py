@@ -20,7 +20,7 @@ import torch
 from .png_metadata import GenerationParams, read_params, save_png
 from .samplers import SAMPLERS, make_scheduler
 
-if TYPE_CHECKING:  # imported lazily at run time, so `ldm-app --help` starts fast
+if TYPE_CHECKING:  # for annotations only; load_pipeline imports it when it runs
     from .pipeline import LdmPipeline
 
 MAX_SIZE = 4096

@@ -159,6 +159,7 @@ def test_clip_outputs_are_marked_done_only_once_all_written(emoji_set, tmp_path,
     # what the recipe's readers load: the pipeline's text encoder and tokenizer, and load_clip for scoring
     CLIPTextModel.from_pretrained(run / "text_encoder")
     CLIPTokenizer.from_pretrained(run / "tokenizer")
+    assert (run / "tokenizer" / "vocab.json").is_file() and (run / "tokenizer" / "merges.txt").is_file()
     load_clip(run)
     assert not [p for p in run.iterdir() if p.suffix in (".tmp", ".old")]
 
@@ -229,6 +230,10 @@ def test_a_save_killed_between_renames_resumes_a_matching_pair(tmp_path, monkeyp
 
     with monkeypatch.context() as m:
         m.setattr(os, "replace", crash_on_second_rename)
+        with pytest.raises(Killed):
+            run.save(model, opt)
+    with monkeypatch.context() as m:  # the next save dies before its rename: checkpoint.old must survive it
+        m.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(Killed(dst)))
         with pytest.raises(Killed):
             run.save(model, opt)
 

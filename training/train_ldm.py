@@ -19,9 +19,13 @@ def main() -> int:
     args = parser.parse_args()
     try:
         pipeline = train(load_config(args.config, args.overrides))
-    except (ValueError, OSError, yaml.YAMLError, TrainingError) as err:  # input errors (a typo, a missing file,
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # an unreachable hub id) exit 2
-        return 1 if isinstance(err, TrainingError) else 2
+    except (ValueError, OSError, yaml.YAMLError, TrainingError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        # The user's input (a typo, broken YAML, a missing file or model id) exits 2; a failed run (a diverged
+        # loss, a full disk) exits 1.
+        user_input = isinstance(err, (ValueError, yaml.YAMLError, FileNotFoundError, NotADirectoryError)) or (
+            isinstance(err, OSError) and err.errno is None)  # what from_pretrained raises for an unknown model
+        return 2 if user_input else 1
     print(f"Pipeline written to {pipeline}")
     return 0
 

@@ -26,8 +26,8 @@ def written_atomically(final: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    if final.exists():  # else `old` may be the only complete copy (a crash between the renames below)
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from ldm_app import LdmPipeline
+from ldm_app.atomic import atomic_write
 
 PROMPTS = ["a cat", "cat face", "grinning face", "red heart", "pizza", "rocket", "sun", "dog face", "star", "fire"]
 SEEDS = (0, 1)
@@ -31,9 +32,8 @@ def main() -> None:
                        generator=[torch.Generator().manual_seed(seed) for _ in PROMPTS]).images
     size = images[0].width * args.scale
     grid = make_image_grid([im.resize((size, size), resample=0) for im in images], rows=len(SEEDS), cols=len(PROMPTS))
-    tmp = args.out.with_suffix(".tmp.png")
-    grid.save(tmp)
-    tmp.replace(args.out)
+    with atomic_write(args.out) as tmp:
+        grid.save(tmp)
     print(args.out)
 
 

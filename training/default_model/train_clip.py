@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -209,8 +210,9 @@ def main() -> None:
     (run / "metrics.json").unlink(missing_ok=True)
     with written_atomically(run / "text_encoder") as folder:
         model.text_model.save_pretrained(folder, safe_serialization=True)
-    with written_atomically(run / "tokenizer") as folder:
-        tokenizer.save_pretrained(folder)
+    if (run / "tokenizer").resolve() != tok_dir.resolve():  # a copy, with its plain vocab.json and merges.txt
+        with written_atomically(run / "tokenizer") as folder:
+            shutil.copytree(tok_dir, folder, dirs_exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run / "clip.safetensors")
     (run / "clip_config.json").write_text(json.dumps({"text": text_config.to_dict(), "tower": tower}, indent=2))
     metrics = {"test": retrieval(model, tokenizer, test_images, test_rows),
