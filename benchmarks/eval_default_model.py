@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ldm_app import LdmPipeline
+from ldm_app.atomic import atomic_write
 from ldm_app.cache import module_fingerprint
 from ldm_app.evaluation import frechet_distance, load_clip, psnr, r_precision
 from ldm_app.samplers import make_scheduler
@@ -107,7 +108,8 @@ def main() -> None:
     data = args.data.expanduser()
     train_images, train_rows = load_split(data, "train")
     test_images, _ = load_split(data, "test")
-    model_id = {"model": str(args.model or "default"), "weights_sha256": model_fingerprint(pipe), "fd_images": args.fd_images}
+    model_id = {"model": str(args.model or "default"), "weights_sha256": model_fingerprint(pipe),
+                "fd_images": args.fd_images, "guidance": args.guidance}  # --resume keeps cells of this setting only
     results: dict = {}
     if args.resume and args.json and args.json.is_file():
         saved = json.loads(args.json.read_text())
@@ -116,9 +118,8 @@ def main() -> None:
 
     def save() -> None:
         if args.json:
-            tmp = args.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2))
-            tmp.replace(args.json)
+            with atomic_write(args.json) as tmp:
+                tmp.write_text(json.dumps(results, indent=2))
 
     # 1. VAE round trip on held-out emoji
     if "vae" in parts:
