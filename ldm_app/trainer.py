@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .atomic import atomic_write
+from .atomic import atomic_folder, atomic_write
 from .batches import Batch, CachedBatches, EncodingBatches, StreamingBatches, seeded_generator
 from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_build_cache, tokenize
 from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
@@ -115,15 +115,9 @@ def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
 def export_pipeline(pipe: LdmPipeline, folder: Path, step: int) -> None:
     """Write the pipeline folder with the step it holds, so that a crash at any point leaves a complete one:
     the new folder is written beside it, the old one renamed aside (`.old`), the new one renamed in."""
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training_step.json").write_text(json.dumps({"step": step}))
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash; `folder` is the complete one
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training_step.json").write_text(json.dumps({"step": step}))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from budget import written_atomically  # this folder's shared helper
 from ldm_app import LdmPipeline
+from ldm_app.atomic import atomic_folder
 from ldm_app.pipeline import cast_quietly
 
 HERE = Path(__file__).resolve().parent
@@ -78,7 +78,7 @@ def main() -> None:
     if args.vae:
         pipe.vae = swap_vae(pipe.vae, AutoencoderKL.from_pretrained(args.vae.expanduser()))
     step = json.loads((source / "training_step.json").read_text())["step"] if (source / "training_step.json").is_file() else "?"
-    with written_atomically(out) as tmp:
+    with atomic_folder(out) as tmp:
         cast_quietly(pipe, torch.float16).save_pretrained(tmp, safe_serialization=True)
         pipe.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))  # the CLIP-format vocab.json + merges.txt
         configs = [tmp / "model_index.json", *tmp.glob("*/config.json"), tmp / "tokenizer" / "tokenizer_config.json"]

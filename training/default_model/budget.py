@@ -1,36 +1,16 @@
-"""What the recipe's scripts share: a time budget that drives the learning rate, a log, atomic checkpoints, so each
-trainer stops anywhere and a re-run of the same command continues where it stopped, and folders that appear only
-once fully written, so recipe.sh never skips a stage whose outputs a killed run left half-done.
-"""
+"""What the recipe's trainers share: a time budget that drives the learning rate, a log and atomic checkpoints, so
+each stops anywhere and a re-run of the same command continues where it stopped."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-@contextmanager
-def written_atomically(final: Path) -> Iterator[Path]:
-    """A fresh temp folder beside `final` to write into, renamed to `final` when the block ends without an error, so
-    `final` is never there half-written. An old `final` is moved aside first and deleted last: a crash in between
-    leaves it at `final.old` instead of losing both."""
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if final.exists():  # else `old` may be the only complete copy (a crash between the renames below)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+from ldm_app.atomic import atomic_folder
 
 
 class BudgetedRun:
@@ -62,7 +42,7 @@ class BudgetedRun:
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Weights and state in one folder that replaces the last one whole, so a resume never pairs new weights
         with an old step and optimizer."""
-        with written_atomically(self.run / "checkpoint") as folder:
+        with atomic_folder(self.run / "checkpoint") as folder:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
             torch.save({"optimizer": optimizer.state_dict(), **self.state}, folder / "state.pt")
         for name in ("model.safetensors", "state.pt"):  # the earlier layout's files, now stale

@@ -24,10 +24,10 @@ from tokenizers import Tokenizer, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from ldm_app.atomic import atomic_write
+from ldm_app.atomic import atomic_folder, atomic_write
 from ldm_app.evaluation import Clip
 
-from budget import BudgetedRun, written_atomically  # this folder's shared resume/time-budget helpers
+from budget import BudgetedRun  # this folder's shared resume/time-budget helper
 from emoji_data import load_split
 
 MAX_LENGTH = 32
@@ -61,7 +61,7 @@ def train_tokenizer(rows: list[dict], vocab_size: int, out: Path) -> CLIPTokeniz
     tokens = base + [ch + "</w>" for ch in base] + [a + b for a, b in merges] + SPECIALS
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
-    with written_atomically(out) as folder:  # main() reuses `out` once it holds tokenizer_config.json
+    with atomic_folder(out) as folder:  # main() reuses `out` once it holds tokenizer_config.json
         tokenizer.save_pretrained(folder)
         # Plain vocab.json/merges.txt too, for loaders that rebuild the tokenizer from them.
         (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -208,10 +208,10 @@ def main() -> None:
     # recipe.sh skips this stage by, goes first and comes back last, so a half-done export is never taken as done ---
     model.eval()
     (run / "metrics.json").unlink(missing_ok=True)
-    with written_atomically(run / "text_encoder") as folder:
+    with atomic_folder(run / "text_encoder") as folder:
         model.text_model.save_pretrained(folder, safe_serialization=True)
     if (run / "tokenizer").resolve() != tok_dir.resolve():  # a copy, with its plain vocab.json and merges.txt
-        with written_atomically(run / "tokenizer") as folder:
+        with atomic_folder(run / "tokenizer") as folder:
             shutil.copytree(tok_dir, folder, dirs_exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run / "clip.safetensors")
     (run / "clip_config.json").write_text(json.dumps({"text": text_config.to_dict(), "tower": tower}, indent=2))

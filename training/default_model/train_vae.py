@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from ldm_app.atomic import atomic_folder
 from ldm_app.evaluation import psnr
 
-from budget import BudgetedRun, written_atomically  # this folder's shared resume/time-budget helpers
+from budget import BudgetedRun  # this folder's shared resume/time-budget helper
 from emoji_data import load_split
 
 KL_WEIGHT = 1e-6
@@ -171,7 +172,7 @@ def main() -> None:
     summary = {"test_psnr_db": test_psnr, "train_psnr_db_first512": train_psnr, "latent_mean": mean,
                "latent_std": std, "latent_std_per_channel": per_channel, "scaling_factor": vae.config.scaling_factor,
                "params": n_params, "steps": budget.step, "train_minutes": budget.state["elapsed"] / 60}
-    with written_atomically(run / "final") as final:  # recipe.sh skips this stage once final/metrics.json exists
+    with atomic_folder(run / "final") as final:  # recipe.sh skips this stage once final/metrics.json exists
         vae.to("cpu", memory_format=torch.contiguous_format).save_pretrained(final, safe_serialization=True)
         (final / "metrics.json").write_text(json.dumps(summary, indent=2))
     budget.report(f"final {json.dumps(summary)}")
