@@ -35,14 +35,18 @@ class PromptToPromptProcessor:
 
     `pairs` are (source, target) batch indices to edit; `step` is set by the sampling loop. Cross-attention
     maps are injected while `step < cross_steps` (through `token_map`, see `token_alignment`), self-attention
-    maps while `step < self_steps`. Call signature: that of diffusers' attention processors.
+    maps while `step < self_steps` and only in layers of at most `self_max_tokens` positions (16×16, as in the
+    authors' code: finer self-attention maps would pin the fine detail the edit is meant to change, and cost
+    N² memory at SD's resolutions). Call signature: that of diffusers' attention processors.
     """
 
-    def __init__(self, pairs: list[tuple[int, int]], token_map: torch.Tensor, cross_steps: int, self_steps: int = 0):
+    def __init__(self, pairs: list[tuple[int, int]], token_map: torch.Tensor, cross_steps: int, self_steps: int = 0,
+                 self_max_tokens: int = 16 * 16):
         self.pairs = pairs
         self.token_map = token_map
         self.cross_steps = cross_steps
         self.self_steps = self_steps
+        self.self_max_tokens = self_max_tokens
         self.step = 0
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -75,6 +79,8 @@ class PromptToPromptProcessor:
     def inject(self, probs: torch.Tensor, is_cross: bool) -> torch.Tensor:
         """Replace each target's attention maps (B, h, N, M) by its source's while the step is early enough."""
         if self.step >= (self.cross_steps if is_cross else self.self_steps):
+            return probs
+        if not is_cross and probs.shape[-2] > self.self_max_tokens:
             return probs
         probs = probs.clone()
         for src, tgt in self.pairs:

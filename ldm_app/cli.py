@@ -95,8 +95,8 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, quiet: b
         raise
     except (OSError, ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"Cannot load model {model!r}: {reason[:300]}. Check that it is a complete pipeline "
-                        "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from None
+        raise UserError(f"Cannot load model {model!r}: {reason[:300].rstrip('.')}. Check that it is a complete "
+                        "pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from None
     pipe = pipe.to(device)
     if pipe.unet.dtype != dtype:
         pipe = cast_quietly(pipe, dtype)
@@ -104,6 +104,22 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, quiet: b
         pipe.unet.to(memory_format=torch.channels_last)  # measured +22 % sampling speed on CPU
     pipe.set_progress_bar_config(disable=quiet, leave=False)
     return pipe
+
+
+def model_record(model: str) -> str:
+    """How a model is written into outputs for later reuse: local folders as absolute paths (so `--from` and
+    `edit --inversion` work from any directory), hub ids and 'default' as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != DEFAULT_MODEL and path.exists() else model
+
+
+def check_steps(steps: int, pipe: LdmPipeline) -> None:
+    from .samplers import max_inference_steps
+
+    limit = max_inference_steps(pipe.scheduler.config)
+    if steps > limit:
+        raise UserError(f"--steps {steps} is more than this model's noise schedule allows; use at most {limit} "
+                        "(25–50 is typical).")
 
 
 def check_size(name: str, value: int, factor: int) -> None:
@@ -117,6 +133,9 @@ def check_size(name: str, value: int, factor: int) -> None:
 def output_paths(output: str | None, count: int, overwrite: bool) -> list[Path]:
     """Where each image goes: a file (`x.png`, or x-0.png, x-1.png … for several) or new names in a folder."""
     target = Path(output or ".").expanduser()
+    if target.suffix.lower() in {".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}:
+        raise UserError(f"--output {output}: images are written as PNG (which stores the generation parameters); "
+                        f"use {target.with_suffix('.png').name} or a folder.")
     if target.suffix.lower() == ".png":
         paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(count)]
         folder = target.parent
@@ -224,28 +243,31 @@ def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt
     grid_path = paths[0].with_name(paths[0].stem + "-grid.png") if grid else None
     if grid_path is not None and grid_path.exists() and not overwrite:
         raise UserError(f"{grid_path} already exists; pass --overwrite or choose another --output.")
-    pipe = load_pipeline(model, dev, pick_dtype(dtype, dev), quiet)
+    weights_dtype = pick_dtype(dtype, dev)
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[weights_dtype]  # as resolved
+    pipe = load_pipeline(model, dev, weights_dtype, quiet)
     height = pipe.default_size if height is None else height
     width = pipe.default_size if width is None else width
     check_size("height", height, pipe.vae_scale_factor)
     check_size("width", width, pipe.vae_scale_factor)
+    check_steps(steps, pipe)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     apply_loras(pipe, loras)
     warn_if_truncated(pipe, prompt, note)
 
-    # 3. Sample in batches; image i has its own generator seeded with seed + i, so batching never matters
+    # 3. Sample in batches. Image i has its own CPU generator seeded with seed + i, so its noise is the same
+    # in any batch and on any device (the pixels can still differ in the last bit with batch size and hardware)
     images = []
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
-        generators = [torch.Generator(dev.type if dev.type != "mps" else "cpu").manual_seed(seed + start + i)
-                      for i in range(count)]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
         images += pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=height, width=width,
                        num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators).images
 
     # 4. Write PNGs with their parameters
     for i, (image, path) in enumerate(zip(images, paths)):
         save_png(image, path, GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed + i,
-                                               width, height, model, dtype, list(loras)))
+                                               width, height, model_record(model), dtype, list(loras)))
         click.echo(str(path))
     if grid_path is not None:
         from diffusers.utils import make_image_grid
@@ -256,7 +278,7 @@ def generate(ctx: click.Context, prompt: str | None, model: str, negative_prompt
         blank.paste((255, 255, 255), (0, 0, *blank.size))
         grid_image = make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
         save_png(grid_image, grid_path, GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed,
-                                                         width, height, model, dtype, list(loras)))
+                                                         width, height, model_record(model), dtype, list(loras)))
         click.echo(str(grid_path))
 
 
@@ -276,10 +298,16 @@ def apply_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> None:
     names, scales = [], []
     for i, spec in enumerate(specs):
         path, scale = parse_lora(spec)
+        local = Path(path).expanduser()
+        if not local.exists() and (path.endswith(".safetensors") or path.startswith((".", "/", "~"))
+                                   or path.count("/") != 1):
+            raise UserError(f"--lora {path}: no such file or folder; pass a LoRA .safetensors file, a folder with "
+                            "one, or a hub id.")
         try:
-            pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
-        except ValueError as err:
-            raise UserError(str(err).splitlines()[0]) from None
+            pipe.load_lora_weights(str(local) if local.exists() else path, adapter_name=f"lora_{i}")
+        except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: tensor shapes of another model
+            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise UserError(f"Cannot load LoRA {path}: {reason.rstrip('.')}. Was it made for this model?") from None
         names.append(f"lora_{i}")
         scales.append(scale)
     if names:

@@ -11,7 +11,7 @@ import PIL.Image
 import torch
 
 from .atomic import atomic_write
-from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, pick_device
+from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, model_record, pick_device
 from .data import decode_image
 from .evaluation import psnr, unit_tensor
 from .inversion import METHODS, Inversion, edit, invert, prepare_image, vae_round_trip
@@ -85,7 +85,7 @@ def run_inversion(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--prompt", required=True, help="A caption of the image: the source prompt it is inverted with.")
 @click.option("--method", type=click.Choice(METHODS), default="negative-prompt", help=METHOD_HELP)
-@click.option("--steps", type=click.IntRange(1, 1000), default=50, help="DDIM steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, help="DDIM steps.")
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,
               help="Guidance scale w that reconstruction and edits sample with.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
@@ -110,7 +110,7 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
 
     # 2. Invert, then write the inversion and the reconstruction
     inversion = run_inversion(pipe, picture, prompt, method, steps, guidance, inner_steps, note)
-    inversion.model = model
+    inversion.model = model_record(model)
     inversion.save(output)
     click.echo(f"wrote {output}")
     if reconstruction is not None:
@@ -137,7 +137,7 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
               help="Prompt-to-Prompt: fraction of steps in which the edit reuses the source's cross-attention maps.")
 @click.option("--self-attention-steps", type=click.FloatRange(0, 1), default=0.4,
               help="Prompt-to-Prompt: fraction of steps in which it reuses the source's self-attention maps.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=50, help="DDIM steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, help="DDIM steps.")
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,
               help="Guidance scale w.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")

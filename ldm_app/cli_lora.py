@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 import torch
 
-from .atomic import atomic_write
-from .cli import DEFAULT_MODEL, UserError, app, load_pipeline
-from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from .atomic import atomic_folder, atomic_write
+from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, pick_device, pick_dtype
+from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, TrainConfig
 from .data import IMAGE_EXTENSIONS, decode_image
+from .diffusion import objective_of
 from .lora import KOHYA_FILE, LORA_FILE
 from .pipeline import DEFAULT_MODEL_DIR, LdmPipeline
 
@@ -29,42 +29,63 @@ Examples:
 """
 
 
-def stage_photos(photos: Path, data_dir: Path, prompt: str | None, resolution: int,
-                 note: Callable[[str], None]) -> int:
-    """Copy every decodable image as an RGB PNG (EXIF applied) with a .txt caption into `data_dir`.
-
-    Captions: a same-named .txt file, else the photo's `text` in metadata.jsonl, else `prompt`. Returns the
-    number of usable images; non-images and undecodable files are counted and reported.
-    """
-    metadata = {}
-    if (photos / "metadata.jsonl").is_file():
-        for line in (photos / "metadata.jsonl").read_text().splitlines():
-            if line.strip():
+def read_captions(photos: Path) -> dict[str, str]:
+    """file name → caption from metadata.jsonl (the `datasets` imagefolder layout), if there is one."""
+    path = photos / "metadata.jsonl"
+    if not path.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
                 row = json.loads(line)
-                metadata[row.get("file_name")] = row.get("text", "")
+                captions[row["file_name"]] = row.get("text", "")
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} line {number} is not a JSON object with a file_name; fix or remove "
+                                "that line.") from None
+    return captions
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
+
+
+def find_photos(photos: Path, prompt: str | None, note: Callable[[str], None]) -> list[tuple[Path, str]]:
+    """Every decodable image with its caption: a same-named .txt file, else its `text` in metadata.jsonl, else
+    `prompt`. Everything is checked here, before anything is written. Non-images and undecodable files are
+    counted and reported."""
+    metadata = read_captions(photos)
     files = sorted(p for p in photos.iterdir() if p.is_file())
-    candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     ignored = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS | {".txt", ".jsonl"}]
-    data_dir.mkdir(parents=True, exist_ok=True)
-    used, broken, small = 0, 0, 0
-    for path in candidates:
-        image = decode_image({"path": str(path), "bytes": None})
-        if image is None:
+    found, broken = [], 0
+    for path in (p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS):
+        if decode_image({"path": str(path), "bytes": None}) is None:
             broken += 1
             continue
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text().strip() if sidecar.is_file() else metadata.get(path.name) or prompt
+        caption = read_text(sidecar).strip() if sidecar.is_file() else metadata.get(path.name) or prompt
         if not caption:
             raise UserError(f"{path.name} has no caption (.txt or metadata.jsonl); pass --prompt for such photos.")
-        small += min(image.size) < resolution
-        image.save(data_dir / f"instance-{used:04d}.png")
-        (data_dir / f"instance-{used:04d}.txt").write_text(caption)
-        used += 1
+        found.append((path, caption))
     if ignored or broken:
         note(f"skipped {len(ignored)} non-image file(s) and {broken} unreadable image(s)")
+    return found
+
+
+def stage_photos(photos: list[tuple[Path, str]], data_dir: Path, resolution: int,
+                 note: Callable[[str], None]) -> None:
+    """Copy each photo as an RGB PNG (EXIF applied) with a .txt caption into `data_dir`."""
+    small = 0
+    for i, (path, caption) in enumerate(photos):
+        image = decode_image({"path": str(path), "bytes": None})
+        small += min(image.size) < resolution
+        image.save(data_dir / f"instance-{i:04d}.png")
+        (data_dir / f"instance-{i:04d}.txt").write_text(caption)
     if small:
         note(f"warning: {small} image(s) smaller than {resolution} px are upscaled")
-    return used
 
 
 def write_class_images(pipe: LdmPipeline, data_dir: Path, class_prompts: list[str], count: int, seed: int) -> None:
@@ -81,7 +102,8 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
     """Row 1: the base model; row 2: with the new LoRA; same prompt and seeds."""
     from diffusers.utils import make_image_grid
 
-    pipe = load_pipeline(model, torch.device("cpu"), torch.float32, quiet=True)
+    device = pick_device("auto")
+    pipe = load_pipeline(model, device, pick_dtype("auto", device), quiet=True)
     gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     before = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
     pipe.load_lora_weights(lora_dir / LORA_FILE)
@@ -108,6 +130,8 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
 @click.option("--num-class-images", type=click.IntRange(min=1), default=16)
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "kohya"]), default="diffusers",
               help="kohya: also write a kohya/A1111 file.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
+              help="Autocast while training (fp16 on CUDA GPUs, bf16 on recent ones); LoRA weights stay fp32.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("lora-output"))
 @click.option("--seed", type=int, default=0)
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
@@ -115,7 +139,7 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
 def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, alpha: float | None, steps: int,
                   lr: float, batch_size: int, resolution: int | None, train_text_encoder: bool,
                   prior_preservation: bool, class_prompts: tuple[str, ...], num_class_images: int, fmt: str,
-                  output: Path, seed: int, resume: bool, quiet: bool) -> None:
+                  mixed_precision: str, output: Path, seed: int, resume: bool, quiet: bool) -> None:
     """Fine-tune LoRA adapters on the photos in PHOTOS_DIR; the base model on disk is never modified."""
     from .trainer import TrainingError, train
 
@@ -127,22 +151,29 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
         raise UserError("--prior-preservation needs --class-prompt, e.g. --class-prompt \"a photo of a cat\".")
     if output.exists() and any(output.iterdir()) and not resume:
         raise UserError(f"{output} already exists; pass --resume to continue it, or choose another --output.")
-    base = load_pipeline(model, torch.device("cpu"), torch.float32, quiet=True)
+    device = pick_device("auto")
+    base = load_pipeline(model, device, pick_dtype("auto", device), quiet=True)
     resolution = resolution or base.default_size
     if resolution % base.vae_scale_factor:
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE factor {base.vae_scale_factor}.")
+    try:
+        objective = objective_of(base.scheduler.config, caption_dropout=0.0)  # the base's own noise schedule
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
-    # 2. Stage the photos (and class images) as captioned RGB PNGs in the run folder
+    # 2. Stage the photos (and class images) as captioned RGB PNGs in the run folder; the folder appears whole
+    # or not at all, so an interrupted run never resumes on part of the photos
     data_dir = output / "data"
     if not (resume and data_dir.is_dir()):
-        shutil.rmtree(data_dir, ignore_errors=True)
-        if stage_photos(photos_dir, data_dir, prompt, resolution, note) == 0:
-            shutil.rmtree(output, ignore_errors=True)
+        photos = find_photos(photos_dir, prompt, note)
+        if not photos:
             raise UserError(f"No usable image in {photos_dir}; add jpg/png/webp/bmp photos.")
-        if prior_preservation:
-            note(f"generating {num_class_images} class images for prior preservation")
-            base.set_progress_bar_config(disable=True)
-            write_class_images(base, data_dir, list(class_prompts), num_class_images, seed)
+        with atomic_folder(data_dir) as staging:
+            stage_photos(photos, staging, resolution, note)
+            if prior_preservation:
+                note(f"generating {num_class_images} class images for prior preservation")
+                base.set_progress_bar_config(disable=True)
+                write_class_images(base, staging, list(class_prompts), num_class_images, seed)
     del base
 
     # 3. Train LoRA adapters with the shared trainer
@@ -153,8 +184,9 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
         model=ModelConfig(vae=model_path, vae_subfolder="vae", text_encoder=model_path,
                           text_encoder_subfolder="text_encoder", tokenizer=model_path, tokenizer_subfolder="tokenizer",
                           pretrained_unet=model_path, pretrained_unet_subfolder="unet"),
-        objective=ObjectiveConfig(caption_dropout=0.0),
+        objective=objective,
         train=TrainConfig(output_dir=str(output), seed=seed, batch_size=batch_size, max_steps=steps,
+                          mixed_precision=mixed_precision,
                           learning_rate=lr, lr_scheduler="constant", warmup_steps=min(50, steps // 10),
                           use_ema=False, validation_every=0, checkpoint_every=max(50, steps // 4),
                           keep_checkpoints=1),

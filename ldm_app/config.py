@@ -51,10 +51,13 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
 
 
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+
+
 @dataclass
 class ObjectiveConfig:
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # ε, x0 or v view of the loss
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"  # β_t over t (SD's)
+    beta_schedule: BetaSchedule = "scaled_linear"  # β_t over t (SD's)
     beta_start: float = 0.00085  # β_1 (linear schedules)
     beta_end: float = 0.012  # β_T (linear schedules)
     num_train_timesteps: int = 1000  # T, the number of forward-process steps

@@ -9,11 +9,13 @@ The UNet predicts one of three equivalent targets:
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from .config import ObjectiveConfig
+from .config import BetaSchedule, ObjectiveConfig
 
 
 def noise_scheduler(cfg: ObjectiveConfig) -> DDPMScheduler:
@@ -29,6 +31,21 @@ def sampling_scheduler(cfg: ObjectiveConfig) -> DDIMScheduler:
                          beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
                          rescale_betas_zero_snr=cfg.zero_terminal_snr, clip_sample=False, set_alpha_to_one=False,
                          steps_offset=1, timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading")
+
+
+def objective_of(scheduler_config: dict, **overrides) -> ObjectiveConfig:
+    """The training objective a pipeline's scheduler implies (noise schedule, prediction type): what a LoRA
+    fine-tune of that pipeline must keep learning."""
+    schedule = scheduler_config.get("beta_schedule", "linear")
+    if scheduler_config.get("trained_betas") is not None or schedule not in get_args(BetaSchedule):
+        raise ValueError(f"The model's scheduler uses a noise schedule the trainer cannot reproduce "
+                         f"({'trained_betas' if scheduler_config.get('trained_betas') is not None else schedule}); "
+                         f"use a model with one of: {', '.join(get_args(BetaSchedule))}.")
+    return ObjectiveConfig(prediction_type=scheduler_config.get("prediction_type", "epsilon"), beta_schedule=schedule,
+                           beta_start=scheduler_config.get("beta_start", 0.0001),
+                           beta_end=scheduler_config.get("beta_end", 0.02),
+                           num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+                           zero_terminal_snr=scheduler_config.get("rescale_betas_zero_snr", False), **overrides)
 
 
 def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,

@@ -31,6 +31,7 @@ from .atomic import atomic_write
 from .attention_control import PromptToPromptProcessor, attention_processor, token_alignment
 from .data import decode_image, preprocess
 from .pipeline import LdmPipeline, OutputType
+from .samplers import max_inference_steps
 
 Method = Literal["ddim", "null-text", "negative-prompt"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -79,10 +80,14 @@ class Inversion:
                              "invert.") from None
         if meta is None:
             raise ValueError(f"{path} holds no inversion metadata; pass a file written by ldm-app invert.")
-        meta = json.loads(meta)
-        size = meta.pop("original_size")
-        return cls(latents=tensors["latents"], null_embeds=tensors.get("null_embeds"),
-                   original_size=tuple(size) if size else None, **meta)
+        try:
+            meta = json.loads(meta)
+            size = meta.pop("original_size", None)
+            return cls(latents=tensors["latents"], null_embeds=tensors.get("null_embeds"),
+                       original_size=tuple(size) if size else None, **meta)
+        except (ValueError, TypeError, KeyError) as err:  # damaged JSON, missing or unknown fields
+            raise ValueError(f"{path} has damaged inversion metadata ({type(err).__name__}: {err}); invert the "
+                             "image again with ldm-app invert.") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,6 +126,9 @@ def invert(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method: Metho
         raise ValueError(f"Unknown inversion method {method!r}; choose one of {', '.join(METHODS)}.")
     if kwargs and method != "null-text":
         raise ValueError(f"{', '.join(kwargs)} only apply to method='null-text'; leave them out for {method!r}.")
+    limit = max_inference_steps(pipe.scheduler.config)
+    if not 1 <= num_inference_steps <= limit:
+        raise ValueError(f"{num_inference_steps} inversion steps; use 1 to {limit} (50 is typical).")
     w = guidance_scale if guidance_scale is not None else (1.0 if method == "ddim" else 5.0)
     fn = {"ddim": ddim_invert, "null-text": null_text_invert, "negative-prompt": negative_prompt_invert}[method]
     return fn(pipe, image, prompt, num_inference_steps, w, generator=generator, **kwargs)

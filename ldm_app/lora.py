@@ -96,6 +96,8 @@ def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         component, rest = key.split(".", 1)
         module, kind = split_key(rest)
+        if component == "text_encoder" and not module.startswith("text_model."):
+            module = "text_model." + module  # transformers 5 flattened CLIPTextModel; A1111/kohya use 4's names
         name = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + module.replace(".", "_")
         out[f"{name}.lora_{kind}.weight"] = value
         if kind == "down":

@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .lora import from_kohya, is_kohya, load_text_encoder_lora, read_lora_file
+from .samplers import max_inference_steps
 from .unet import LdmUNet
 
 logger = logging.get_logger(__name__)
@@ -136,8 +137,9 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"{name}={size} is not a positive multiple of the VAE factor {self.vae_scale_factor}; "
                                  f"use e.g. {max(self.vae_scale_factor, size // self.vae_scale_factor * self.vae_scale_factor)}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps}; use at least 1 step (25–50 is typical).")
+        if not 1 <= num_inference_steps <= max_inference_steps(self.scheduler.config):
+            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to "
+                             f"{max_inference_steps(self.scheduler.config)} steps (25–50 is typical).")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (1 = no guidance, 5 is typical).")
 

@@ -20,3 +20,9 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
         raise ValueError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
     cls, extra, _ = SAMPLERS[name]
     return cls.from_config({**config, **extra})
+
+
+def max_inference_steps(config: dict) -> int:
+    """The most steps `config`'s schedule can be split into. With SD's `leading` spacing and `steps_offset` 1,
+    T steps would start at t = T, one past the schedule's end, so T - steps_offset is the limit."""
+    return config["num_train_timesteps"] - config.get("steps_offset", 0)

@@ -229,8 +229,9 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Up to `size`, the skip's size: twice `x`'s, or one less where a down-sampling met an odd size."""
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,7 +374,8 @@ class LdmUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for upsample in self.upsamplers:
             for _ in range(self.config.layers_per_block + 1):
                 h = self._run(next(layers), torch.cat([h, skips.pop()], dim=1), temb, context)
-            h = upsample(h)
+            if not isinstance(upsample, nn.Identity):
+                h = upsample(h, skips[-1].shape[-2:])
 
         # 5. Output
         out = self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -8,6 +8,8 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from ldm_app.testing import tiny_pipeline
 
@@ -54,10 +56,11 @@ def test_several_images_go_to_a_folder_with_a_grid_and_own_seeds(model, tmp_path
     seeds = [json.loads(PIL.Image.open(p).info["ldm-app"])["seed"] for p in written[:3]]
     assert seeds == [10, 11, 12]
     assert PIL.Image.open(written[3]).size == (96, 32)
-    # image 12 alone (no batch) is the same image: batching never changes results
+    # image 11, drawn second in a batch of two, alone is the same image, up to the last bit of rounding
     single = tmp_path / "single.png"
-    assert cli("generate", "--from", str(written[2]), "-o", str(single), "-q").returncode == 0
-    np.testing.assert_array_equal(pixels(written[2]), pixels(single))
+    assert cli("generate", "--from", str(written[1]), "-o", str(single), "-q").returncode == 0
+    gap = np.abs(pixels(written[1]).astype(int) - pixels(single).astype(int))
+    assert gap.max() <= 1 and gap.mean() < 0.01
     assert "seed: 10" in r.stderr
 
 
@@ -77,6 +80,15 @@ def broken_model(tmp_path: Path) -> Path:
     return folder
 
 
+def foreign_lora(folder: Path) -> Path:
+    """A LoRA whose module names fit the tiny UNet but whose shapes do not (as one made for another model)."""
+    name = next(n for n, _ in tiny_pipeline().unet.named_modules() if n.endswith("to_q"))
+    path = folder / "foreign.safetensors"
+    save_file({f"unet.{name}.lora.down.weight": torch.zeros(4, 999), f"unet.{name}.lora.up.weight": torch.zeros(7, 4)},
+              path)
+    return path
+
+
 def damaged_png(folder: Path) -> Path:
     """A PNG whose ldm-app chunk lacks required fields (as after hand-editing)."""
     info = PIL.PngImagePlugin.PngInfo()
@@ -92,6 +104,10 @@ def damaged_png(folder: Path) -> Path:
     (["--height", "30"], "multiple of the VAE factor"),
     (["--width", "40000"], "too large"),
     (["--steps", "0"], "--steps"),
+    (["--steps", "1000"], "use at most 999"),
+    (["-o", "{tmp}/cat.jpg"], "written as PNG"),
+    (["--lora", "{tmp}/nothere.safetensors"], "no such file"),
+    (["--lora", "{foreign}"], "Was it made for this model?"),
     (["--sampler", "plms"], "--sampler"),
     (["-o", "/etc/hostname/x.png"], "Output folder"),
     (["--from", "{tmp}/nope.png"], "no such file"),
@@ -99,7 +115,8 @@ def damaged_png(folder: Path) -> Path:
 ])
 def test_bad_input_is_one_line_exit_2_without_traceback(model, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, broken=broken_model(tmp_path) if "{broken}" in a else "",
-                     damaged=damaged_png(tmp_path) if "{damaged}" in a else "") for a in args]
+                     damaged=damaged_png(tmp_path) if "{damaged}" in a else "",
+                     foreign=foreign_lora(tmp_path) if "{foreign}" in a else "") for a in args]
     if "--model" not in args:
         args = ["--model", str(model), *args]
     steps = [] if "--steps" in args else ["--steps", "1"]

@@ -8,9 +8,11 @@ import PIL.ImageDraw
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from ldm_app import inversion as inv
-from ldm_app.attention_control import token_alignment
+from ldm_app import LdmPipeline
+from ldm_app.attention_control import PromptToPromptProcessor, token_alignment
 from ldm_app.cli import app
 from ldm_app.testing import tiny_pipeline
 
@@ -80,6 +82,11 @@ def test_saved_inversion_reloads_and_reconstructs_identically(pipes, image, tmp_
     (tmp_path / "other.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="ldm-app invert"):
         inv.Inversion.load(tmp_path / "other.safetensors")
+    for meta in ('{"prompt": "x"}', "{oops"):  # fields missing, JSON damaged
+        save_file({"latents": torch.zeros(2, 1, 4, 8, 8)}, tmp_path / "damaged.safetensors",
+                  metadata={inv.METADATA_KEY: meta})
+        with pytest.raises(ValueError, match="damaged inversion metadata"):
+            inv.Inversion.load(tmp_path / "damaged.safetensors")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,6 +109,43 @@ def test_attention_injection_changes_a_prompt_swap(pipes, image, kind):
     swap = inv.edit(pipe, inversion, "a blue circle", cross_attention_steps=0, output_type="latent")
     p2p = inv.edit(pipe, inversion, "a blue circle", cross_attention_steps=1.0, output_type="latent")
     assert (swap - p2p).abs().max() > 1e-3
+
+
+def test_prompt_to_prompt_keeps_an_edit_near_the_source_on_the_default_model():
+    # On a trained model the injected maps must pull the edit towards the source's layout: wrong pair indices
+    # (e.g. the unconditional half) or swapped source and target would not
+    pipe = LdmPipeline.from_default()
+    pipe.set_progress_bar_config(disable=True)
+    source = pipe("a red heart", num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images[0]
+    inversion = inv.negative_prompt_invert(pipe, source, "a red heart", 10, guidance_scale=5.0)
+    recon = inv.reconstruct(pipe, inversion, output_type="latent")
+
+    def distance(cross: float, self_: float) -> float:
+        edited = inv.edit(pipe, inversion, "a blue heart", cross, self_, output_type="latent")
+        return (edited - recon).square().mean().sqrt().item()
+
+    swap, cross, both = distance(0, 0), distance(0.8, 0), distance(0.8, 0.4)
+    assert both < cross < swap and both < 0.9 * swap, (swap, cross, both)  # measured 1.00, 0.92, 0.80
+    assert both > 0.1 * swap  # still an edit
+
+
+def test_inject_takes_the_sources_maps_where_aligned_early_and_at_coarse_resolutions():
+    g = torch.Generator().manual_seed(0)
+    shapes = ((2, 1, 4, 3), (2, 1, 4, 4), (2, 1, 9, 9))  # (B, heads, N, M)
+    cross, self_small, self_big = (torch.rand(shape, generator=g) for shape in shapes)
+    # batch 0 is the source, 1 the target; target token 0 takes source token 2's map, token 1 keeps its own
+    proc = PromptToPromptProcessor([(0, 1)], torch.tensor([2, -1, 0]), cross_steps=2, self_steps=1, self_max_tokens=4)
+    out = proc.inject(cross, is_cross=True)
+    assert torch.equal(out[0], cross[0])
+    assert torch.equal(out[1, ..., 0], cross[0, ..., 2]) and torch.equal(out[1, ..., 2], cross[0, ..., 0])
+    assert torch.equal(out[1, ..., 1], cross[1, ..., 1])
+    assert torch.equal(proc.inject(self_small, is_cross=False)[1], self_small[0])
+    assert torch.equal(proc.inject(self_big, is_cross=False), self_big)  # finer than self_max_tokens: untouched
+    proc.step = 1  # self-attention injection over, cross-attention still on
+    assert torch.equal(proc.inject(self_small, is_cross=False), self_small)
+    assert not torch.equal(proc.inject(cross, is_cross=True), cross)
+    proc.step = 2
+    assert torch.equal(proc.inject(cross, is_cross=True), cross)
 
 
 def test_token_alignment_maps_shared_and_swapped_words_and_keeps_inserted_ones():
@@ -139,11 +183,12 @@ def run(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_invert_writes_files_prints_psnrs_and_edit_reads_them(model, tmp_path):
+def test_invert_writes_files_prints_psnrs_and_edit_reads_them(model, tmp_path, monkeypatch):
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGBA", (48, 40), (200, 30, 30, 255)).save(photo)
     out, recon = tmp_path / "inv.safetensors", tmp_path / "recon.png"
-    r = run("invert", photo, "--prompt", PROMPT, "--model", model, "--steps", "4", "-o", out,
+    monkeypatch.chdir(model.parent)  # the model named relative to here; edit runs elsewhere and still finds it
+    r = run("invert", photo, "--prompt", PROMPT, "--model", model.name, "--steps", "4", "-o", out,
             "--reconstruction", recon)
     assert r.exit_code == 0, r.output
     assert out.is_file() and PIL.Image.open(recon).size == (32, 32)
@@ -154,6 +199,7 @@ def test_invert_writes_files_prints_psnrs_and_edit_reads_them(model, tmp_path):
     assert r.exit_code == 2 and "--overwrite" in r.stderr
 
     edited = tmp_path / "edited.png"
+    monkeypatch.chdir(tmp_path)
     r = run("edit", "--inversion", out, "--target-prompt", "a blue circle", "-o", edited, "-q")  # model from the file
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == str(edited) and PIL.Image.open(edited).size == (32, 32)

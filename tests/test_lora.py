@@ -180,6 +180,37 @@ def test_finetune_cli_without_usable_images_is_exit_2(tmp_path, content):
     assert r.returncode == 2 and "No usable image" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_finetune_cli_checks_every_caption_before_writing_anything(tmp_path):
+    base = tmp_path / "base"
+    tiny_pipeline().save_pretrained(base)
+    photos = write_toy_dataset(tmp_path / "photos", n=2, layout="sidecar")
+    (photos / "0001.txt").unlink()  # the second photo has no caption, and no --prompt is given
+    out = tmp_path / "lora"
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--steps", "2", "-o", str(out))
+    assert r.returncode == 2 and "0001.png has no caption" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()  # nothing staged: a later --resume cannot train on the first photo alone
+
+    (photos / "metadata.jsonl").write_text('{"file_name": "0001.png", "text": "red circle"}\n{oops\n')
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--steps", "2", "-o", str(out))
+    assert r.returncode == 2 and "metadata.jsonl line 2" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_finetune_cli_trains_on_the_base_models_own_noise_schedule(tmp_path):
+    # A v-prediction base with other betas: the LoRA must learn v on those betas, not the trainer's defaults
+    pipe = tiny_pipeline()
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                                      beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    pipe.save_pretrained(tmp_path / "base")
+    photos = write_toy_dataset(tmp_path / "photos", n=2, layout="sidecar")
+    r = cli("finetune-lora", str(photos), "--model", str(tmp_path / "base"), "--steps", "2", "--batch-size", "2",
+            "-o", str(tmp_path / "lora"))
+    assert r.returncode == 0, r.stderr
+    objective = load_config(tmp_path / "lora" / "config.yaml").objective
+    assert (objective.prediction_type, objective.beta_schedule, objective.beta_start, objective.beta_end) == (
+        "v_prediction", "linear", 0.0001, 0.02)
+
+
 def test_prior_preservation_trains_on_class_images_of_each_class_prompt(tmp_path):
     base = tmp_path / "base"
     tiny_pipeline().save_pretrained(base)
@@ -198,21 +229,24 @@ def test_prior_preservation_trains_on_class_images_of_each_class_prompt(tmp_path
     assert r.returncode == 2 and "--class-prompt" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_text_encoder_lora_from_a_transformers_4_kohya_file_and_unknown_modules(tmp_path):
+def test_text_encoder_lora_in_kohya_format_uses_a1111_names_and_loads_with_or_without_them(tmp_path):
     pipe = tiny_pipeline()
     add_lora(pipe.text_encoder, rank=4, alpha=None, targets=TEXT_ENCODER_TARGETS)
     for name, p in pipe.text_encoder.named_parameters():
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.2
     expected = pipe.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
-    # A1111 files made with transformers 4 name the modules text_model.encoder...; ours are encoder...
-    kohya = {k.replace("lora_te_", "lora_te_text_model_"): v
-             for k, v in to_kohya(lora_state_dict(pipe.text_encoder, "text_encoder")).items()}
-    save_atomic(kohya, tmp_path / "te.safetensors")
-    fresh = tiny_pipeline()
-    fresh.load_lora_weights(tmp_path / "te.safetensors")
-    got = fresh.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # A1111, ComfyUI and kohya name text-encoder modules as transformers 4 did (text_model.encoder...), while
+    # transformers 5's CLIPTextModel says encoder...: the export uses the former, the loader takes both
+    kohya = to_kohya(lora_state_dict(pipe.text_encoder, "text_encoder"))
+    assert kohya and all(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
+    unprefixed = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in kohya.items()}
+    for name, state in (("a1111", kohya), ("unprefixed", unprefixed)):
+        save_atomic(state, tmp_path / f"{name}.safetensors")
+        fresh = tiny_pipeline()
+        fresh.load_lora_weights(tmp_path / f"{name}.safetensors")
+        got = fresh.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
     with pytest.raises(ValueError, match="matches no module of the text encoder"):
         tiny_pipeline().load_lora_weights({"text_encoder.nope.q_proj.lora_linear_layer.down.weight": torch.zeros(4, 8),

@@ -24,6 +24,8 @@ def test_non_square_and_three_level_shapes():
                    attention_head_dim=8, cross_attention_dim=12, norm_num_groups=8)
     x = torch.randn(2, 4, 8, 16)
     assert unet(x, 3, torch.randn(2, 5, 12)).sample.shape == x.shape
+    odd = torch.randn(1, 4, 17, 10)  # 17 → 9 → 5 down, 5 → 9 → 17 up (68×40 images through an f=4 VAE)
+    assert unet(odd, 3, torch.randn(1, 5, 12)).sample.shape == odd.shape
 
 
 def test_gradients_reach_every_parameter():
