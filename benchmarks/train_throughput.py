@@ -5,9 +5,9 @@
   (c) the loop diffusers' examples/text_to_image/train_text_to_image.py runs each step: decode + transform
       images, VAE encode, tokenize + text encode, UNet forward/backward, optimizer step.
 
-    python benchmarks/train_throughput.py [--model PIPELINE] [--data FOLDER] [--batch 32] [--steps 10] [--repeats 3]
+    python benchmarks/train_throughput.py [--model PIPELINE] [--data FOLDER] [--batch 32] [--steps 8] [--repeats 3]
 
-Defaults: random components sized like the default model (f=4 VAE, 256-wide CLIP text encoder, the `small`
+Defaults: random components of the default model's kind (a small f=4 VAE, 256-wide CLIP text encoder, the `small`
 LdmUNet) and generated 64×64 toy images, so it runs anywhere.
 """
 

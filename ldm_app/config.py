@@ -82,7 +82,8 @@ class TrainConfig:
     adam_beta2: float = 0.999  # AdamW's second-moment decay
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     max_grad_norm: float = 1.0  # gradient clipping
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast; master weights stay fp32
+    # autocast, master weights stay fp32; unset: what `accelerate launch` was given (its config or flag), else no
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets sampled and exported
     ema_decay: float = 0.999  # EMAModel's maximum decay (warm-up lets early steps move faster)
     cache: bool = True  # cache VAE posteriors and text-encoder states once, in the run folder
@@ -136,6 +137,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 continue
         raise ValueError(f"{key}={value!r} does not fit the type {annotation}.")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off and yes/on as booleans
+            value = next((word for word in (("yes", "on") if value else ("no", "off")) if word in args), value)
         if value not in args:
             raise ValueError(f"{key}={value!r}; choose one of {', '.join(map(str, args))}.")
         return value

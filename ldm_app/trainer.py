@@ -7,6 +7,7 @@ Re-running the same command resumes from the run folder's last checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -139,6 +140,9 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    # the saved config says which precision ran, also when it came from `accelerate launch`
+    config = dataclasses.replace(config, train=dataclasses.replace(t, mixed_precision=accelerator.mixed_precision))
+    t = config.train
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +152,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
 
     # Frozen encoders (half precision on GPUs under mixed precision: they only run forward)
     m = config.model
-    enc_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision) \
+    enc_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision) \
         if accelerator.device.type == "cuda" else None
     vae = load_vae(m.vae, pipeline_subfolder(m.vae, m.vae_subfolder, "vae"), enc_dtype).to(accelerator.device)
     text_encoder = load_text_encoder(m.text_encoder, pipeline_subfolder(

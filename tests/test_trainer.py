@@ -243,6 +243,17 @@ def test_two_process_ddp_run_exports_a_loadable_pipeline(inputs, tmp_path):
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 
+def test_mixed_precision_comes_from_accelerate_launch_unless_the_config_sets_it(inputs, tmp_path):
+    for flag, override, expected in (("bf16", [], "bf16"), ("bf16", ["train.mixed_precision=no"], "no")):
+        out = tmp_path / expected
+        proc = run_cli("-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                       "--mixed_precision", flag, "--dynamo_backend", "no", "training/train_ldm.py",
+                       "--config", str(TINY), *cli_overrides(inputs, out, "train.max_steps=1", *override))
+        log = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, log
+        assert load_config(out / "config.yaml").train.mixed_precision == expected
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.bacth_size=3", "valid keys in 'train'"),  # a typo names the valid keys
     ("train.validation_prompts=[a", "expected ',' or ']'"),  # broken YAML in a value

@@ -2,7 +2,7 @@
 # The embedded default model end to end: data → VAE → CLIP text encoder → UNet → decoder fine-tunes → assemble
 # → evaluate.
 # Every stage resumes where it stopped (re-run the same command), so it can run across sessions:
-#   nohup bash training/default_model/recipe.sh > ~/ldm-runs/recipe.log 2>&1 &
+#   mkdir -p ~/ldm-runs && nohup bash training/default_model/recipe.sh > ~/ldm-runs/recipe.log 2>&1 &
 # UNET_MINUTES bounds this invocation's UNet training (default 90); it continues on the next run.
 # A stage is skipped once its metrics.json exists; each script makes it appear only after all the stage's outputs.
 set -euo pipefail
