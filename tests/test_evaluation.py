@@ -3,9 +3,14 @@ import torch
 from ldm_app.evaluation import frechet_distance, psnr, r_precision
 
 
-def test_psnr_of_known_error():
+def test_psnr_is_per_image():
     a = torch.zeros(2, 3, 4, 4)
-    assert torch.allclose(psnr(a, a + 0.1), torch.full((2,), 20.0), atol=1e-4)
+    b = a.clone()
+    b[0] += 0.1
+    b[1] += 0.01
+    values = psnr(a, b)
+    assert values.shape == (2,)
+    torch.testing.assert_close(values, torch.tensor([20.0, 40.0]), atol=1e-4, rtol=0)
 
 
 def test_frechet_distance_is_zero_for_same_set_and_matches_closed_form_for_shift():
@@ -17,6 +22,18 @@ def test_frechet_distance_is_zero_for_same_set_and_matches_closed_form_for_shift
     # isotropic scale 1 vs 2 (×3 dims): tr(1 + 4 − 2·2) · 3 = 3
     y = torch.randn(200_000, 3, generator=g)
     assert abs(frechet_distance(y, 2 * torch.randn(200_000, 3, generator=g)) - 3.0) < 0.05
+
+
+def test_frechet_distance_with_covariances_that_do_not_commute():
+    # samples whitened exactly, then given covariances A = diag(9, 1) and B = [[5, 4], [4, 5]]:
+    # tr(A + B − 2 (A^½ B A^½)^½) = 20 − 2·√68
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1000, 2, generator=g, dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T
+    a = z @ torch.linalg.cholesky(torch.tensor([[9.0, 0], [0, 1]], dtype=torch.float64)).T
+    b = z @ torch.linalg.cholesky(torch.tensor([[5.0, 4], [4, 5]], dtype=torch.float64)).T
+    assert abs(frechet_distance(a, b) - (20 - 2 * 68 ** 0.5)) < 1e-6
 
 
 def test_r_precision_counts_top_choices():

@@ -91,6 +91,13 @@ def test_cache_gives_the_same_batches_and_loss_as_encoding_every_step(inputs):
                                     seeded_generator(7, step), 0.5, torch.device("cpu")) for batch in (a, b)]
         torch.testing.assert_close(losses[0], losses[1])
 
+    # two ranks split one global batch of 8 between them: disjoint halves, nothing seen twice
+    ranks = [cached(1, 4, rank, 2) for rank in (0, 1)]
+    whole = cached(1, 8, 0, 1)
+    torch.testing.assert_close(torch.cat([r.mean for r in ranks]), whole.mean, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([r.context for r in ranks]), whole.context, rtol=0, atol=0)
+    assert not torch.equal(ranks[0].mean, ranks[1].mean)
+
 
 def test_undecodable_images_are_skipped_and_counted(tmp_path):
     write_toy_dataset(tmp_path / "data", n=6, corrupt=2)
@@ -100,12 +107,6 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
     encoded = build_encoded_dataset(load_image_dataset(config.data), config.data, c["vae"], c["tokenizer"],
                                     c["text_encoder"], progress=False)
     assert len(encoded) == 6 and encoded.skipped == 2
-
-
-def test_sidecar_caption_folders_load(tmp_path):
-    write_toy_dataset(tmp_path, n=4, layout="sidecar")
-    ds = load_image_dataset(load_config(None, [f"data.path={tmp_path}"]).data)
-    assert len(ds) == 4 and all(" " in text for text in ds["text"])
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(inputs, tmp_path):
@@ -125,6 +126,17 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(inputs, tm
     weights = load_file(tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (tmp_path / "pipeline").exists()
+
+
+def test_time_budget_stops_a_run_that_the_next_call_continues_keeping_the_newest_checkpoints(inputs, tmp_path):
+    # max_minutes=0: each call trains one step, checkpoints it and exports, as a session-bounded run would
+    config = tiny_config(inputs, tmp_path, "train.max_steps=10", "train.max_minutes=0", "train.checkpoint_every=100",
+                         "train.keep_checkpoints=1")
+    for expected_step in (1, 2):
+        train(config)
+        assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"checkpoint-{expected_step}"]
+        step = json.loads((tmp_path / "pipeline" / "training_step.json").read_text())["step"]
+        assert step == expected_step
 
 
 def test_resume_moves_the_loaded_ema_to_the_device(inputs, tmp_path, monkeypatch):
@@ -197,8 +209,8 @@ def test_validation_grid_is_replaced_whole(tmp_path, monkeypatch):
     assert path.read_bytes() == before
 
 
-def run_cli(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -232,12 +244,15 @@ def test_kill_and_resume_ends_with_the_same_weights(inputs, tmp_path):
 
 
 def test_two_process_ddp_run_exports_a_loadable_pipeline(inputs, tmp_path):
-    proc = run_cli("-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "training/train_ldm.py",
+    # torchrun, because `accelerate launch --cpu` without an MPI host file starts a single process
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "training/train_ldm.py",
                    "--config", str(TINY), *cli_overrides(inputs, tmp_path, "train.max_steps=4",
-                                                         "train.checkpoint_every=2", "train.batch_size=4"))
+                                                         "train.checkpoint_every=2", "train.batch_size=4"),
+                   env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log
+    assert {p.name for p in (tmp_path / "checkpoints" / "checkpoint-4").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}  # both ranks took part
     pipe = LdmPipeline.from_pretrained(tmp_path / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)

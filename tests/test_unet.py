@@ -1,8 +1,11 @@
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from ldm_app import UNET_PRESETS, LdmUNet
+from ldm_app.pipeline import DEFAULT_MODEL_DIR
 
 
 def tiny_unet(**overrides) -> LdmUNet:
@@ -52,7 +55,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             unet._gradient_checkpointing_func = lambda *args: calls.append(1) or checkpoint(*args)
         unet(x, t, ctx).sample.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
-        assert bool(calls) == checkpointing  # every block went through the checkpoint wrapper
+        blocks = len(unet.down_layers) + len(unet.mid_block) + len(unet.up_layers)
+        assert len(calls) == (blocks if checkpointing else 0)  # every block went through the checkpoint wrapper
     torch.testing.assert_close(grads[0], grads[1])
 
 
@@ -88,7 +92,9 @@ def test_half_precision_model_runs_and_tracks_fp32(dtype):
         reference = unet(x, torch.tensor([3, 700]), ctx).sample
         half = unet.to(dtype)(x.to(dtype), torch.tensor([3, 700]), ctx.to(dtype)).sample
     assert half.dtype == dtype
-    torch.testing.assert_close(half.float(), reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+    # measured: bf16 0.5 %, fp16 0.06 % of the largest output; dropping the text or swapping timesteps costs 2-4 %
+    tolerance = {torch.bfloat16: 0.01, torch.float16: 0.002}[dtype]
+    torch.testing.assert_close(half.float(), reference, atol=tolerance * reference.abs().max().item(), rtol=0)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -111,9 +117,13 @@ def test_attention_projections_are_named_for_peft():
     assert any(n.endswith("to_out.0") for n, _ in tiny_unet().named_modules())
 
 
-@pytest.mark.parametrize("name", sorted(UNET_PRESETS))
-def test_presets_build_and_unknown_preset_names_the_choices(name):
-    assert isinstance(LdmUNet.from_preset(name), LdmUNet)
+def test_presets_grow_small_is_the_default_models_and_unknown_names_list_the_choices():
+    sizes = {name: sum(p.numel() for p in LdmUNet.from_preset(name).parameters()) for name in UNET_PRESETS}
+    assert sizes["tiny"] < sizes["small"] < sizes["base"]
+    shipped = json.loads((DEFAULT_MODEL_DIR / "unet" / "config.json").read_text())
+    small = LdmUNet.from_preset("small", sample_size=shipped["sample_size"]).config
+    assert all(list(v) == shipped[k] if isinstance(v, tuple) else v == shipped[k]
+               for k, v in small.items() if not k.startswith("_"))
     with pytest.raises(ValueError, match="tiny"):
         LdmUNet.from_preset("huge")
 
