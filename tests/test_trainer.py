@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
 from ldm_app.batches import CachedBatches, EncodingBatches, seeded_generator
-from ldm_app.cache import build_encoded_dataset, module_fingerprint
+from ldm_app.cache import build_encoded_dataset, cache_key, load_or_build_cache, module_fingerprint
 from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
 from ldm_app.config import Config, ObjectiveConfig, TrainConfig, load_config
 from ldm_app.data import load_image_dataset
@@ -312,3 +313,38 @@ def test_module_fingerprint_follows_weights_not_memory_format():
     with torch.no_grad():
         next(unet.parameters()).add_(1e-3)
     assert module_fingerprint(unet) != before
+
+
+def test_cache_is_reused_until_data_preprocessing_or_an_encoder_changes(inputs, tmp_path):
+    data = write_toy_dataset(tmp_path / "data", n=4)
+    config = load_config(TINY, [f"data.path={data}"])
+    c = tiny_components()
+
+    def key(cfg, text_encoder=c["text_encoder"]):
+        return cache_key(load_image_dataset(cfg.data), cfg.data, c["vae"], c["tokenizer"], text_encoder)
+
+    def build():
+        return build_encoded_dataset(load_image_dataset(config.data), config.data, c["vae"], c["tokenizer"],
+                                     c["text_encoder"], progress=False)
+
+    def fail():
+        raise AssertionError("rebuilt although nothing changed")
+
+    first = load_or_build_cache(tmp_path / "cache", key(config), build)
+
+    again = load_or_build_cache(tmp_path / "cache", key(config), fail)
+    assert key(config) == key(load_config(TINY, [f"data.path={data}"]))
+    torch.testing.assert_close(again.mean, first.mean, rtol=0, atol=0)
+    torch.testing.assert_close(again.text_states, first.text_states, rtol=0, atol=0)
+
+    changed_encoder = copy.deepcopy(c["text_encoder"])
+    with torch.no_grad():
+        next(changed_encoder.parameters()).add_(1e-3)
+    assert key(config, changed_encoder) != key(config)
+    assert key(load_config(TINY, [f"data.path={data}", "data.resolution=16"])) != key(config)
+    old = key(config)
+    write_toy_dataset(data, n=5)  # new content in the same folder
+    assert key(config) != old
+    load_or_build_cache(tmp_path / "cache", key(config), build)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"encoded-{key(config)}.json",
+                                                                     f"encoded-{key(config)}.safetensors"]
