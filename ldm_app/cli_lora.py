@@ -83,7 +83,7 @@ def stage_photos(photos: list[tuple[Path, str]], data_dir: Path, resolution: int
         image = decode_image({"path": str(path), "bytes": None})
         small += min(image.size) < resolution
         image.save(data_dir / f"instance-{i:04d}.png")
-        (data_dir / f"instance-{i:04d}.txt").write_text(caption)
+        (data_dir / f"instance-{i:04d}.txt").write_text(caption, encoding="utf-8")
     if small:
         note(f"warning: {small} image(s) smaller than {resolution} px are upscaled")
 
@@ -95,7 +95,7 @@ def write_class_images(pipe: LdmPipeline, data_dir: Path, class_prompts: list[st
         prompt = class_prompts[i % len(class_prompts)]
         image = pipe(prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(seed + i)).images[0]
         image.save(data_dir / f"class-{i:04d}.png")
-        (data_dir / f"class-{i:04d}.txt").write_text(prompt)
+        (data_dir / f"class-{i:04d}.txt").write_text(prompt, encoding="utf-8")
 
 
 def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds=(0, 1, 2, 3)) -> None:
@@ -199,7 +199,7 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
 
     # 4. Before/after grid for the trained prompt
     grid = output / "before_after.png"
-    sample_prompt = prompt or (data_dir / "instance-0000.txt").read_text()
+    sample_prompt = prompt or (data_dir / "instance-0000.txt").read_text(encoding="utf-8")
     before_after_grid(model, output, sample_prompt, grid)
     for path in (lora_file, output / KOHYA_FILE if fmt == "kohya" else None, output / "config.yaml", grid):
         if path is not None:
