@@ -30,7 +30,8 @@ def _has_metadata(folder: Path) -> bool:
 def sidecar_dataset(folder: Path, caption_column: str = "text") -> datasets.Dataset:
     """Images in a folder (recursively) with captions in same-named .txt files; no caption → empty string."""
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() if p.with_suffix(".txt").is_file() else "" for p in paths]
+    sidecars = [p.with_suffix(".txt") for p in paths]
+    captions = [t.read_text(encoding="utf-8").strip() if t.is_file() else "" for t in sidecars]
     return datasets.Dataset.from_dict({"image": [str(p) for p in paths], caption_column: captions}).cast_column(
         "image", datasets.Image(decode=False))
 
