@@ -14,7 +14,9 @@ python $HERE/build_emoji_dataset.py --output $RUNS/data/emoji64                 
 [ -f $RUNS/vae/final/metrics.json ] || python $HERE/train_vae.py --run $RUNS/vae --minutes 45    # f=4 AutoencoderKL
 [ -f $RUNS/clip/metrics.json ] || python $HERE/train_clip.py --minutes 12             # tokenizer + text tower
 [ -f $RUNS/evaluator/metrics.json ] || python $HERE/train_clip.py --evaluator --minutes 11
+# accelerate launch gives a process one CPU thread unless told otherwise (1.5x slower here); a GPU is used if present
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    --num_cpu_threads_per_process "$(nproc)" \
     training/train_ldm.py --config configs/emoji64.yaml train.max_minutes="${UNET_MINUTES:-90}"
 # Decoder-only fine-tunes: the encoder, latents and scaling_factor stay as the UNet saw them.
 # First the decoder as it is, then widened 2x (Net2WiderNet: same function, more channels to fine-tune).
