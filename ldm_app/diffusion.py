@@ -37,9 +37,10 @@ def objective_of(scheduler_config: dict, **overrides) -> ObjectiveConfig:
     """The training objective a pipeline's scheduler implies (noise schedule, prediction type): what a LoRA
     fine-tune of that pipeline must keep learning."""
     schedule = scheduler_config.get("beta_schedule", "linear")
-    if scheduler_config.get("trained_betas") is not None or schedule not in get_args(BetaSchedule):
-        raise ValueError(f"The model's scheduler uses a noise schedule the trainer cannot reproduce "
-                         f"({'trained_betas' if scheduler_config.get('trained_betas') is not None else schedule}); "
+    if scheduler_config.get("trained_betas") is not None:
+        schedule = "trained_betas"
+    if schedule not in get_args(BetaSchedule):
+        raise ValueError(f"The model's scheduler uses a noise schedule the trainer cannot reproduce ({schedule}); "
                          f"use a model with one of: {', '.join(get_args(BetaSchedule))}.")
     return ObjectiveConfig(prediction_type=scheduler_config.get("prediction_type", "epsilon"), beta_schedule=schedule,
                            beta_start=scheduler_config.get("beta_start", 0.0001),

@@ -137,9 +137,9 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"{name}={size} is not a positive multiple of the VAE factor {self.vae_scale_factor}; "
                                  f"use e.g. {max(self.vae_scale_factor, size // self.vae_scale_factor * self.vae_scale_factor)}.")
-        if not 1 <= num_inference_steps <= max_inference_steps(self.scheduler.config):
-            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to "
-                             f"{max_inference_steps(self.scheduler.config)} steps (25–50 is typical).")
+        limit = max_inference_steps(self.scheduler.config)
+        if not 1 <= num_inference_steps <= limit:
+            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to {limit} steps (25–50 is typical).")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (1 = no guidance, 5 is typical).")
 
