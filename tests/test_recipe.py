@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_app import LdmPipeline
+from ldm_app.config import Config, TrainConfig, save_config
 from ldm_app.evaluation import load_clip
 from ldm_app.testing import tiny_pipeline
 
@@ -198,6 +199,26 @@ def test_assemble_keeps_the_old_model_until_the_new_one_is_in(tmp_path, monkeypa
     assemble.main()
     LdmPipeline.from_pretrained(out)
     assert sorted(p.name for p in tmp_path.glob("default_model*")) == ["default_model"]
+
+
+def test_assemble_refuses_a_run_stopped_before_its_max_steps(tmp_path, monkeypatch, capsys):
+    """A time-budgeted invocation exports what it has; only the finished run may become the default model."""
+    run, out = tmp_path / "unet", tmp_path / "default_model"
+    tiny_pipeline().save_pretrained(run / "pipeline")
+    (run / "pipeline" / "training_step.json").write_text(json.dumps({"step": 300}))
+    save_config(Config(train=TrainConfig(max_steps=500)), run / "config.yaml")
+    monkeypatch.setattr(sys, "argv", ["assemble.py", "--pipeline", str(run / "pipeline"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="step 300 of its run's 500"):
+        assemble.main()
+    assert not out.exists()
+
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--allow-unfinished"])
+    assemble.main()
+    assert "UNet step 300" in capsys.readouterr().out
+    (run / "pipeline" / "training_step.json").write_text(json.dumps({"step": 500}))
+    monkeypatch.setattr(sys, "argv", sys.argv[:-1])
+    assemble.main()
+    assert "EMA weights after 500 steps" in (out / "README.md").read_text()
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -1,10 +1,13 @@
 """Assemble the embedded default model: a trained pipeline folder → fp16 safetensors inside the package.
 
     python training/default_model/assemble.py [--pipeline ~/ldm-runs/unet/pipeline] [--out ldm_app/default_model]
-        [--vae ~/ldm-runs/vae-wide/final]
+        [--vae ~/ldm-runs/vae-wide/final] [--allow-unfinished]
 
 --vae swaps in a VAE whose decoder was fine-tuned (or widened) after the UNet was trained; it must encode
 exactly as the pipeline's VAE does, else the UNet's latents would no longer match, and that is checked.
+
+A pipeline whose run stopped early (a time budget reached before the run config's `max_steps`) is refused
+unless --allow-unfinished: re-running the training command continues it.
 
 Writes into a temp folder and renames, so the shipped model is never half-written; the old one is moved aside
 first and deleted last, so a crash in between leaves it as `<out>.old`. Adds the model card (README.md) with the
@@ -23,6 +26,7 @@ from diffusers import AutoencoderKL
 
 from ldm_app import LdmPipeline
 from ldm_app.atomic import atomic_folder
+from ldm_app.config import load_config
 from ldm_app.pipeline import cast_quietly
 
 HERE = Path(__file__).resolve().parent
@@ -62,6 +66,19 @@ def swap_vae(current: AutoencoderKL, new: AutoencoderKL) -> AutoencoderKL:
     return new.eval()
 
 
+def training_step(pipeline: Path, allow_unfinished: bool) -> int | str:
+    """The step the pipeline's UNet was exported at ("?" if unrecorded); refuses a run that has steps to go."""
+    record, run_config = pipeline / "training_step.json", pipeline.parent / "config.yaml"
+    if not record.is_file():
+        return "?"
+    step = json.loads(record.read_text())["step"]
+    max_steps = load_config(run_config).train.max_steps if run_config.is_file() else step
+    if step < max_steps and not allow_unfinished:
+        raise SystemExit(f"{pipeline} holds step {step} of its run's {max_steps}: re-run the training command to "
+                         "finish it (or pass --allow-unfinished)")
+    return step
+
+
 def count(module: torch.nn.Module) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
 
@@ -71,13 +88,14 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, default=Path("~/ldm-runs/unet/pipeline"))
     parser.add_argument("--out", type=Path, default=HERE.parents[1] / "ldm_app" / "default_model")
     parser.add_argument("--vae", type=Path, help="a VAE folder with the same encoder function (decoder fine-tuned)")
+    parser.add_argument("--allow-unfinished", action="store_true", help="ship a run stopped before its max_steps")
     args = parser.parse_args()
     source, out = args.pipeline.expanduser(), args.out
+    step = training_step(source, args.allow_unfinished)
 
     pipe = LdmPipeline.from_pretrained(source)
     if args.vae:
         pipe.vae = swap_vae(pipe.vae, AutoencoderKL.from_pretrained(args.vae.expanduser()))
-    step = json.loads((source / "training_step.json").read_text())["step"] if (source / "training_step.json").is_file() else "?"
     with atomic_folder(out) as tmp:
         cast_quietly(pipe, torch.float16).save_pretrained(tmp, safe_serialization=True)
         pipe.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))  # the CLIP-format vocab.json + merges.txt
