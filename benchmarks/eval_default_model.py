@@ -6,7 +6,8 @@
      captions: is the true caption the evaluator's top choice among it and 99 random others — for the real
      image and for a generation (25 DDIM steps, --guidance)?
   3. The DDIM paper's table on our model: Fréchet distance in the evaluator's image-feature space between
-     generations and real images, for steps × η (and DDPM ancestral sampling).
+     generations and real images, for steps × η (and DDPM ancestral sampling); with two floors to read it
+     against: the FD of the captions' own real images, and of their VAE round trips.
   4. Seconds per image and per batch of 16.
 
     python benchmarks/eval_default_model.py [--model PIPELINE] [--data ~/ldm-runs/data/emoji64] [--fd-images 1000]
@@ -46,11 +47,12 @@ def load_split(data: Path, split: str) -> tuple[torch.Tensor, list[dict]]:
 
 
 @torch.no_grad()
+def vae_round_trip(pipe: LdmPipeline, images: torch.Tensor) -> torch.Tensor:
+    return pipe.decode_latents(pipe.encode_image(images)).clamp(-1, 1)
+
+
 def vae_psnr(pipe: LdmPipeline, images: torch.Tensor) -> float:
-    values = []
-    for batch in images.split(64):
-        recon = pipe.decode_latents(pipe.encode_image(batch)).clamp(-1, 1)
-        values.append(psnr((recon + 1) / 2, (batch + 1) / 2))
+    values = [psnr((vae_round_trip(pipe, batch) + 1) / 2, (batch + 1) / 2) for batch in images.split(64)]
     return torch.cat(values).mean().item()
 
 
@@ -75,6 +77,7 @@ def model_fingerprint(pipe: LdmPipeline) -> str:
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
+@torch.no_grad()
 def image_features(evaluator, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([evaluator.encode_image(b) for b in images.split(256)])
 
@@ -149,11 +152,21 @@ def main() -> None:
 
     # 3. Fréchet distance table: steps × η, plus DDPM ancestral sampling
     n = args.fd_images
-    prompts = [train_rows[i]["text"] for i in rng.choices(range(len(train_rows)), k=n)]
+    chosen = rng.choices(range(len(train_rows)), k=n)
+    prompts = [train_rows[i]["text"] for i in chosen]
     steps_list = [int(s) for s in args.fd_steps.split(",")]
     table: dict[str, dict[str, float]] = results.setdefault("fd_table", {})
     if "fd" in parts:
         reference = image_features(evaluator, train_images)
+        # Floors to read the table against: the captions' own images, and their VAE round trips
+        real = train_images[chosen]
+        round_trips = torch.cat([vae_round_trip(pipe, batch) for batch in real.split(64)])
+        floors = results["fd_floors"] = {"real images": frechet_distance(image_features(evaluator, real), reference),
+                                         "VAE round trips": frechet_distance(image_features(evaluator, round_trips),
+                                                                             reference)}
+        for name, value in floors.items():
+            print(f"  floor: {n} {name:<20} FD {value:.4f}", flush=True)
+        save()
         ddim_config = dict(pipe.scheduler.config)
         for name, eta, sampler in [("DDIM η=0.0", 0.0, "ddim"), ("DDIM η=0.5", 0.5, "ddim"),
                                    ("DDIM η=1.0", 1.0, "ddim"), ("DDPM (ancestral)", 0.0, "ddpm")]:
@@ -172,6 +185,7 @@ def main() -> None:
         for name, row in table.items():
             print(f"{name:<20}" + "".join(f"{row[str(s)]:>10.4f}" if str(s) in row else f"{'-':>10}"
                                           for s in steps_list))
+        print("floors: " + ", ".join(f"{name} {value:.4f}" for name, value in floors.items()))
 
     # 4. Speed: one image, and a batch of 16, 25 DDIM steps with CFG
     if "speed" in parts:

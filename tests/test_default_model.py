@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -12,7 +13,10 @@ from safetensors import safe_open
 from transformers import CLIPTokenizer
 
 from ldm_app import LdmPipeline
+from ldm_app.evaluation import load_clip, unit_tensor
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
+
+EVALUATOR_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluator"
 
 
 def test_default_model_is_fp16_safetensors_under_40_mb():
@@ -47,6 +51,31 @@ def test_default_model_draws_the_colour_the_prompt_names():
         assert len(ink) > 0.05 * image.shape[0] * image.shape[1]
         means = ink.mean(axis=0)
         assert means[channel] == means.max(), means
+
+
+# Labels the independent evaluator CLIP chooses among: the subjects asked for, and look-alikes to confuse them with.
+LABELS = ["cat", "cat face", "grinning cat", "weary cat", "black cat", "dog face", "tiger face", "lion", "fox",
+          "bear", "hamster", "monkey face", "rabbit face", "grinning face", "smiling face", "red heart", "pizza",
+          "rocket", "sun", "star", "fire"]
+
+
+def test_the_evaluator_recognises_what_the_default_model_draws():
+    """Eight seeds per prompt at the CLI's settings; the evaluator (never used for conditioning) names them."""
+    pipe = LdmPipeline.from_default()
+    pipe.set_progress_bar_config(disable=True)
+    subjects = {"a cat": "cat", "a dog": "dog", "pizza": "pizza", "red heart": "heart"}
+    prompts = [prompt for prompt in subjects for _ in range(8)]
+    images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0,
+                  generator=[torch.Generator().manual_seed(i % 8) for i in range(len(prompts))]).images
+    evaluator, tokenizer = load_clip(EVALUATOR_DIR)
+    with torch.no_grad():
+        image_features = evaluator.encode_image(torch.cat([unit_tensor(im) for im in images]) * 2 - 1)
+        tokens = tokenizer(LABELS, padding="longest", return_tensors="pt")
+        label_features = evaluator.encode_text(tokens.input_ids, tokens.attention_mask)
+    named = [LABELS[i] for i in (image_features @ label_features.T).argmax(dim=1)]
+    for k, (prompt, subject) in enumerate(subjects.items()):
+        hits = sum(subject in label for label in named[8 * k:8 * k + 8])
+        assert hits >= 6, (prompt, named[8 * k:8 * k + 8])
 
 
 def test_generate_a_cat_from_the_command_line(tmp_path):
