@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import CLIPTokenizer
 
 from ldm_app import LdmPipeline
-from ldm_app.evaluation import load_clip, unit_tensor
+from ldm_app.evaluation import load_clip
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
 
 EVALUATOR_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluator"
@@ -65,11 +65,11 @@ def test_the_evaluator_recognises_what_the_default_model_draws():
     pipe.set_progress_bar_config(disable=True)
     subjects = {"a cat": "cat", "a dog": "dog", "pizza": "pizza", "red heart": "heart"}
     prompts = [prompt for prompt in subjects for _ in range(8)]
-    images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0,
+    images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, output_type="pt",
                   generator=[torch.Generator().manual_seed(i % 8) for i in range(len(prompts))]).images
     evaluator, tokenizer = load_clip(EVALUATOR_DIR)
     with torch.no_grad():
-        image_features = evaluator.encode_image(torch.cat([unit_tensor(im) for im in images]) * 2 - 1)
+        image_features = evaluator.encode_image(images * 2 - 1)  # the evaluator takes [-1, 1]
         tokens = tokenizer(LABELS, padding="longest", return_tensors="pt")
         label_features = evaluator.encode_text(tokens.input_ids, tokens.attention_mask)
     named = [LABELS[i] for i in (image_features @ label_features.T).argmax(dim=1)]
