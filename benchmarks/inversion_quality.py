@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ldm_app import LdmPipeline
-from ldm_app.data import decode_image
+from ldm_app.images import decode_image
 from ldm_app.evaluation import psnr, unit_tensor
 from ldm_app.inversion import invert, prepare_image, vae_round_trip
 

@@ -29,8 +29,9 @@ from ldm_app.batches import CachedBatches, EncodingBatches, seeded_generator
 from ldm_app.cache import build_encoded_dataset
 from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
 from ldm_app.config import load_config
-from ldm_app.data import decode_image, load_image_dataset, preprocess
-from ldm_app.diffusion import noise_scheduler
+from ldm_app.data import load_image_dataset
+from ldm_app.images import decode_image, preprocess
+from ldm_app.objective import noise_scheduler
 from ldm_app.testing import tiny_components, write_toy_dataset
 from ldm_app.trainer import training_loss
 from ldm_app.unet import LdmUNet

@@ -20,7 +20,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .cache import EncodedDataset, encode_captions, encode_images, tokenize
 from .config import DataConfig
-from .data import caption_variants, decode_image, preprocess
+from .data import caption_variants
+from .images import decode_image, preprocess
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

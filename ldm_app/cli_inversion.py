@@ -12,7 +12,7 @@ import torch
 
 from .atomic import atomic_write
 from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, model_record, pick_device
-from .data import decode_image
+from .images import decode_image
 from .evaluation import psnr, unit_tensor
 from .inversion import METHODS, Inversion, edit, invert, prepare_image, vae_round_trip
 from .pipeline import LdmPipeline

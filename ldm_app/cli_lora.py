@@ -12,8 +12,8 @@ import torch
 from .atomic import atomic_folder, atomic_write
 from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, pick_device, pick_dtype
 from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, TrainConfig
-from .data import IMAGE_EXTENSIONS, decode_image
-from .diffusion import objective_of
+from .images import IMAGE_EXTENSIONS, decode_image
+from .objective import objective_of
 from .lora import KOHYA_FILE, LORA_FILE
 from .pipeline import DEFAULT_MODEL_DIR, LdmPipeline
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write
 from .attention_control import PromptToPromptProcessor, attention_processor, token_alignment
-from .data import decode_image, preprocess
+from .images import decode_image, preprocess
 from .pipeline import LdmPipeline, OutputType
 from .samplers import max_inference_steps
 

@@ -90,6 +90,16 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
         save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
 
 
+def save_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, folder: Path, kohya: bool = False) -> Path:
+    """Write the adapters of `unet` (and of `text_encoder`, when given) as `pytorch_lora_weights.safetensors`
+    (diffusers layout), and with `kohya` also the kohya/A1111 file; returns the diffusers file."""
+    state = lora_state_dict(unet) | (lora_state_dict(text_encoder, "text_encoder") if text_encoder is not None else {})
+    save_atomic(state, folder / LORA_FILE)
+    if kohya:
+        save_atomic(to_kohya(state), folder / KOHYA_FILE, {"ss_network_module": "networks.lora"})
+    return folder / LORA_FILE
+
+
 def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers layout → kohya/A1111 (`lora_unet_<module_with_underscores>.lora_down.weight`, `.alpha`)."""
     out: dict[str, torch.Tensor] = {}

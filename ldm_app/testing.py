@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import ObjectiveConfig
-from .diffusion import sampling_scheduler
+from .objective import sampling_scheduler
 from .pipeline import LdmPipeline
 from .unet import LdmUNet
 

@@ -32,9 +32,8 @@ from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_bu
 from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
 from .config import Config, ObjectiveConfig, TrainConfig, save_config, validate_config
 from .data import load_image_dataset
-from .lora import (KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, lora_state_dict,
-                   save_atomic, to_kohya)
-from .diffusion import diffusion_loss, noise_scheduler, sampling_scheduler
+from .lora import LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .objective import diffusion_loss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
 from .unet import LdmUNet
 
@@ -294,20 +293,12 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     if accelerator.is_main_process:
         pipe = make_pipeline(accelerator, trained, ema, vae, text_encoder, tokenizer, config)
         if config.lora.rank:
-            export_lora(pipe, out, config.lora.kohya, train_text)
+            save_lora(pipe.unet, pipe.text_encoder if train_text else None, out, config.lora.kohya)
         else:
             export_pipeline(pipe, out / "pipeline", step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / LORA_FILE if config.lora.rank else out / "pipeline"
-
-
-def export_lora(pipe: LdmPipeline, folder: Path, kohya: bool, text_encoder: bool) -> None:
-    """pytorch_lora_weights.safetensors (diffusers layout), and the kohya/A1111 file on request."""
-    state = lora_state_dict(pipe.unet) | (lora_state_dict(pipe.text_encoder, "text_encoder") if text_encoder else {})
-    save_atomic(state, folder / LORA_FILE)
-    if kohya:
-        save_atomic(to_kohya(state), folder / KOHYA_FILE, {"ss_network_module": "networks.lora"})
 
 
 def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema: EMAModel | None,

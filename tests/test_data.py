@@ -5,7 +5,8 @@ import PIL.Image
 import pytest
 
 from ldm_app.config import load_config
-from ldm_app.data import decode_image, load_image_dataset
+from ldm_app.data import load_image_dataset
+from ldm_app.images import decode_image
 from ldm_app.testing import TOY_COLORS, write_toy_dataset
 
 

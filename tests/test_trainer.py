@@ -20,7 +20,7 @@ from ldm_app.cache import build_encoded_dataset, cache_key, load_or_build_cache,
 from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
 from ldm_app.config import Config, ObjectiveConfig, TrainConfig, load_config
 from ldm_app.data import load_image_dataset
-from ldm_app.diffusion import noise_scheduler
+from ldm_app.objective import noise_scheduler
 from ldm_app.testing import tiny_components, tiny_pipeline, write_tiny_run_inputs, write_toy_dataset
 from ldm_app.trainer import (TrainingError, export_pipeline, lr_schedule, train, training_loss,
                              validation_grid)

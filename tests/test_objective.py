@@ -7,7 +7,7 @@ import torch
 
 from ldm_app.batches import Batch
 from ldm_app.config import ObjectiveConfig
-from ldm_app.diffusion import diffusion_loss, noise_scheduler, sampling_scheduler
+from ldm_app.objective import diffusion_loss, noise_scheduler, sampling_scheduler
 from ldm_app.trainer import training_loss
 
 
