@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +26,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .atomic import atomic_folder, atomic_write
 from .batches import Batch, CachedBatches, EncodingBatches, StreamingBatches, seeded_generator
+from .checkpoints import checkpoints, resume, save_checkpoint
 from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_build_cache, tokenize
 from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
 from .config import Config, ObjectiveConfig, TrainConfig, save_config, validate_config
@@ -62,25 +61,6 @@ def build_unet(config: Config, cross_attention_dim: int, latent_channels: int, l
     overrides = dict(cross_attention_dim=cross_attention_dim, in_channels=latent_channels,
                      out_channels=latent_channels, sample_size=latent_size) | m.unet_overrides
     return LdmUNet.from_preset(m.unet_preset, **overrides)
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """The complete checkpoints in `folder`, oldest first (a run resumes from the last)."""
-    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int) -> None:
-    """accelerator.save_state into a temp folder, renamed when complete; keep the last `keep`."""
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"tmp-{step}"
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(tmp, folder / f"checkpoint-{step}")
-        for old in checkpoints(folder)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig) -> LambdaLR:
@@ -227,13 +207,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         accelerator.register_for_checkpointing(ema)
 
     # Resume from the last complete checkpoint
-    step = 0
     ckpt_dir = out / "checkpoints"
-    if checkpoints(ckpt_dir):
-        last = checkpoints(ckpt_dir)[-1]
-        accelerator.load_state(str(last))
-        step = int(last.name.split("-")[1])
-        accelerator.print(f"Resuming from {last} (step {step})")
+    step = resume(accelerator, ckpt_dir)
     if ema is not None:  # after load_state: it loads the EMA weights onto the CPU
         ema.to(accelerator.device)
     if accelerator.is_main_process:
