@@ -101,7 +101,7 @@ class TrainConfig:
 
 @dataclass
 class LoraTrainConfig:
-    rank: int = 0  # > 0: train rank-r LoRA adapters on a frozen pretrained UNet instead of the whole UNet
+    rank: int = 0  # 0: train the whole UNet; r > 0: train only rank-r LoRA adapters on a frozen pretrained UNet
     alpha: float | None = None  # LoRA α; the update is scaled by α/r (default α = r)
     kohya: bool = False  # also write the adapters in kohya/A1111 format
     train_text_encoder: bool = False  # also adapt the text encoder's attention (captions then encoded in-graph)
@@ -202,10 +202,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def validate_config(config: Config) -> None:
     """Settings that load but cannot work together; the error says how to fix them."""
-    o = config.objective
+    o, t, lora = config.objective, config.train, config.lora
     if o.zero_terminal_snr and o.prediction_type == "epsilon":  # the first DDIM step divides by √ᾱ_T = 0
         raise ValueError("objective.zero_terminal_snr=true with prediction_type=epsilon samples NaN images; "
                          "set objective.prediction_type=v_prediction.")
+    if lora.rank and not config.model.pretrained_unet:
+        raise ValueError("lora.rank > 0 fine-tunes a pretrained UNet; set model.pretrained_unet to a pipeline folder.")
+    if lora.train_text_encoder and not lora.rank:
+        raise ValueError("lora.train_text_encoder needs LoRA on the UNet too; set lora.rank > 0.")
+    if t.cache and config.data.streaming:
+        raise ValueError("train.cache=true needs a finite dataset; set train.cache=false to stream.")
+    if t.cache and not config.data.center_crop:
+        raise ValueError("Random crops cannot be cached; set data.center_crop=true or train.cache=false.")
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""What every `ldm-app` command shares: one-line errors, the shared options, notes on stderr.
+
+Kept free of torch and diffusers imports so that `ldm-app --help` answers at once; commands import what they
+need when they run."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Callable
+
+import click
+
+from ..loading import DEFAULT_MODEL, DTYPES
+
+
+class UserError(click.ClickException):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class OneLineErrors(click.Group):
+    """The one place where errors become one line on stderr: click's usage errors and the library's ValueErrors
+    (what is wrong and how to fix it) exit 2, a full disk exits 1; never a traceback for either."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            hint = f" (see: {e.ctx.command_path} --help)" if getattr(e, "ctx", None) else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except ValueError as e:  # the library's input checks (UnicodeDecodeError included)
+            click.echo(f"error: {one_line(e)}", err=True)
+            sys.exit(UserError.exit_code)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"error: no space left on the device{where}; free some space and run the command again "
+                       "(files already written are complete).", err=True)
+            sys.exit(1)
+
+
+def model_option(help: str = "Pipeline folder or hub id ('default' = the embedded model).") -> Callable:
+    return click.option("--model", default=DEFAULT_MODEL, help=help)
+
+
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+                             help="Where to run (auto: CUDA, then MPS, then the CPU).")
+dtype_option = click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
+                            help="Weights dtype (auto: fp16 on CUDA, fp32 elsewhere).")
+
+
+def quiet_option(help: str = "No progress bars or notes.") -> Callable:
+    return click.option("-q", "--quiet", is_flag=True, help=help)
+
+
+def notes(quiet: bool) -> Callable[[str], None]:
+    """Where a command's notes go: stderr, or nowhere with --quiet (stdout is for the paths written)."""
+    return (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
