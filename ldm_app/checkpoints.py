@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LRScheduler
 
 MANIFEST, STATE, EMA_WEIGHTS = "manifest.json", "trainer_state.json", "ema.safetensors"
-LOCK = ".lock"
+LOCK, CHECKPOINTS = ".lock", "checkpoints"  # in the run folder
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded")
 
@@ -64,8 +64,8 @@ def hold_run_folder(folder: Path, accelerator: Accelerator) -> Iterator[None]:
 
     Refuses processes that were launched together but did not join one distributed run (each would act as the
     main process and write the same checkpoints), and a second trainer in the folder (an exclusive `flock`, which
-    the OS drops when the process dies, so a killed run leaves no stale lock). Inside, a full disk, wherever it
-    is hit, becomes one `TrainingError` line.
+    the OS drops when the process dies, so a killed run leaves no stale lock); then clears the temp folders of
+    interrupted saves. Inside, a full disk, wherever it is hit, becomes one `TrainingError` line.
     """
     launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
     if launched != accelerator.num_processes:
@@ -87,6 +87,8 @@ def hold_run_folder(folder: Path, accelerator: Accelerator) -> Iterator[None]:
             lock.truncate(0)
             lock.write(f"pid {os.getpid()}\n")
             lock.flush()
+            for tmp in (folder / CHECKPOINTS).glob("tmp-*"):  # saves that a kill or a full disk interrupted
+                shutil.rmtree(tmp, ignore_errors=True)
         try:
             yield
         except Exception as err:
@@ -169,9 +171,6 @@ def resume(accelerator: Accelerator, folder: Path, lr_scheduler: LRScheduler, em
     `checkpoint-<step>.damaged` with a warning, and the one before it is loaded. When none loads, the error lists
     them all and nothing is renamed.
     """
-    if accelerator.is_main_process:  # temp folders of saves that a kill or a full disk interrupted
-        for tmp in folder.glob("tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
     found, damaged = checkpoints(folder), []
     for checkpoint in reversed(found):
         problem = _damage(checkpoint)

@@ -26,7 +26,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .atomic import atomic_folder, atomic_write
 from .batches import Batch, CachedBatches, EncodingBatches, StreamingBatches, seeded_generator
-from .checkpoints import TrainingError, checkpoints, hold_run_folder, require_free_space, resume, save_checkpoint
+from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_folder, require_free_space, resume,
+                          save_checkpoint)
 from .cache import build_encoded_dataset, encode_captions, cache_key, load_or_build_cache, tokenize
 from .components import UNet, load_text_encoder, load_tokenizer, load_unet, load_vae
 from .config import Config, ObjectiveConfig, TrainConfig, save_config, validate_config
@@ -204,7 +205,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         unet = trained[0]
 
         # Resume from the last complete checkpoint
-        ckpt_dir = out / "checkpoints"
+        ckpt_dir = out / CHECKPOINTS
         step = resume(accelerator, ckpt_dir, lr_scheduler, ema)
         if ema is not None:  # after load_state: it loads the EMA weights onto the CPU
             ema.to(accelerator.device)
