@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder, atomic_write
 from .batches import make_batches, seeded_generator
-from .checkpoints import checkpoints, resume, save_checkpoint
+from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_folder, require_free_space, resume,
+                          save_checkpoint)
 from .components import UNet, load_unet
 from .config import Config, TrainConfig, save_config, validate_config
 from .encoders import Encoders, pipeline_subfolder
@@ -32,10 +33,6 @@ from .lora import LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_
 from .objective import DenoisingLoss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
 from .unet import LdmUNet
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. a non-finite loss); the message says what happened and where."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -62,110 +59,116 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         config.train, mixed_precision=accelerator.mixed_precision))
     t, obj, train_text = config.train, config.objective, config.lora.train_text_encoder
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    torch.manual_seed(t.seed)  # same initial weights on every process
-    torch.set_flush_denormal(True)  # zero-initialised layers make denormal floats early on: 50× slower on CPUs
+    with hold_run_folder(out, accelerator):  # one trainer per run folder; a full disk is one line
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(config, out / "config.yaml")
+        torch.manual_seed(t.seed)  # same initial weights on every process
+        torch.set_flush_denormal(True)  # zero-initialised layers make denormal floats early on: 50× slower on CPUs
 
-    # 2. Frozen encoders, the batch source (the encoded cache, or encoding every step) and the UNet
-    encoders = Encoders.load(config.model, accelerator.device, frozen_dtype(accelerator))
-    batches = make_batches(config, encoders, accelerator, out / "cache", encode_text=not train_text)
-    unet = build_unet(config, encoders.text_encoder.config.hidden_size, encoders.vae.config.latent_channels,
-                      config.data.resolution // encoders.vae_factor)
-    if setup_unet is not None:
-        setup_unet(unet)
-    if config.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if t.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    # ∅ for caption dropout: its hidden states, or its token ids when the text encoder trains and runs in-graph
-    empty = encoders.tokenize([""]) if train_text else encoders.encode_captions([""]).cpu()
-    loss_fn = DenoisingLoss(noise_scheduler(obj), obj, empty, encoders.scaling_factor, accelerator.device)
-
-    # 3. What trains (all of the UNet, or LoRA adapters only), in fp32, its EMA, the optimizer and LR schedule
-    trained = trained_models(config, unet, encoders.text_encoder)
-    params = [p for model in trained for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    ema = EMAModel(params, decay=t.ema_decay, use_ema_warmup=True, power=3 / 4) if t.use_ema else None
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay)
-    lr_scheduler = lr_schedule(optimizer, t)
-    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed reads the micro-batch from a dataloader we lack
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
-    *trained, optimizer = accelerator.prepare(*trained, optimizer)
-    unet, text_encoder = trained[0], (trained[1] if train_text else None)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
-    # 4. Resume from the last complete checkpoint
-    ckpt_dir = out / "checkpoints"
-    step = resume(accelerator, ckpt_dir)
-    if ema is not None:  # after load_state: it loads the EMA weights onto the CPU
-        ema.to(accelerator.device)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("ldm")
-
-    # 5. Training loop
-    start_time, done_at_start = time.time(), step
-    samples_per_step = t.batch_size * world * t.gradient_accumulation_steps
-    bar = tqdm(total=t.max_steps, initial=step, desc="Training", disable=not accelerator.is_local_main_process)
-    unet.train()
-    while step < t.max_steps:
-        for k in range(t.gradient_accumulation_steps):
-            micro = step * t.gradient_accumulation_steps + k
-            batch = batches(micro, t.batch_size, rank, world)
-            with accelerator.accumulate(*trained):
-                loss = loss_fn(unet, batch, seeded_generator(t.seed, 4, micro, rank), text_encoder)
-                if not torch.isfinite(loss):
-                    last = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else "none yet"
-                    raise TrainingError(f"Loss is {loss.item()} at step {step}; stopping. Last good checkpoint: "
-                                        f"{last}. Lower train.learning_rate or use train.mixed_precision=no.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(params)
-        step += 1
-
-        # Logging, checkpoints, validation
-        elapsed = time.time() - start_time
-        rate = (step - done_at_start) * samples_per_step / max(elapsed, 1e-9)
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:.1f}")
-        if step % t.log_every == 0:
-            accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate},
-                            step=step)
-        out_of_time = t.max_minutes is not None and bool(accelerator.reduce(  # all processes stop together
-            torch.tensor(float(elapsed > 60 * t.max_minutes), device=accelerator.device), "max"))
-        if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
-            save_checkpoint(accelerator, ckpt_dir, step, t.keep_checkpoints)
-        if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
-            pipe = make_pipeline(accelerator, trained, ema, encoders, config)
-            validation_grid(pipe, config, out / "samples" / f"step-{step:07d}.png")
-        if out_of_time:
-            accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
-            break
-    bar.close()
-    if not t.cache:  # the cache reports its undecodable images when it is built
-        skipped = accelerator.reduce(torch.tensor(batches.skipped, device=accelerator.device), "sum")
-        accelerator.print(f"{int(skipped)} undecodable images skipped while making batches "
-                          "(a bad file counts each time it comes up)")
-
-    # 6. Export the pipeline, or just the LoRA adapters (EMA weights where kept)
-    if accelerator.is_main_process:
-        pipe = make_pipeline(accelerator, trained, ema, encoders, config)
+        # 2. Frozen encoders and the UNet. Full training trains all of the UNet; LoRA fine-tuning (lora.rank > 0)
+        # only rank-r adapters on its attention, and with lora.train_text_encoder on the text encoder's too
+        encoders = Encoders.load(config.model, accelerator.device, frozen_dtype(accelerator))
+        unet = build_unet(config, encoders.text_encoder.config.hidden_size, encoders.vae.config.latent_channels,
+                          config.data.resolution // encoders.vae_factor)
         if config.lora.rank:
-            save_lora(pipe.unet, pipe.text_encoder if train_text else None, out, config.lora.kohya)
-        else:
-            export_pipeline(pipe, out / "pipeline", step)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+            add_lora(unet, config.lora.rank, config.lora.alpha, UNET_TARGETS)
+        if setup_unet is not None:
+            setup_unet(unet)
+        if config.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if t.channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        require_free_space(out, [unet], [] if config.lora.rank else [unet, encoders.vae, encoders.text_encoder])
+
+        # 3. The batch source: the encoded cache, encoding every step, or a stream
+        batches = make_batches(config, encoders, accelerator, out / "cache", encode_text=not train_text)
+        if train_text:  # added after the cache was keyed on the frozen text encoder's weights
+            add_lora(encoders.text_encoder, config.lora.rank, config.lora.alpha, TEXT_ENCODER_TARGETS)
+        trained = [unet, encoders.text_encoder] if train_text else [unet]
+        # ∅ for caption dropout: its hidden states, or its token ids when the text encoder trains and runs in-graph
+        empty = encoders.tokenize([""]) if train_text else encoders.encode_captions([""]).cpu()
+        loss_fn = DenoisingLoss(noise_scheduler(obj), obj, empty, encoders.scaling_factor, accelerator.device)
+
+        # 4. The trainable parameters in fp32, their EMA, the optimizer and the LR schedule
+        params = [p for model in trained for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        ema = EMAModel(params, decay=t.ema_decay, use_ema_warmup=True, power=3 / 4) if t.use_ema else None
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay)
+        lr_scheduler = lr_schedule(optimizer, t)
+        if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed reads the micro-batch from a dataloader we lack
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
+        *trained, optimizer = accelerator.prepare(*trained, optimizer)
+        unet, text_encoder = trained[0], (trained[1] if train_text else None)
+
+        # 5. Resume from the last complete checkpoint
+        ckpt_dir = out / CHECKPOINTS
+        step = resume(accelerator, ckpt_dir, lr_scheduler, ema)
+        if ema is not None:  # after load_state: it loads the EMA weights onto the CPU
+            ema.to(accelerator.device)
+        if accelerator.is_main_process:
+            accelerator.init_trackers("ldm")
+
+        # 6. Training loop
+        start_time, done_at_start = time.time(), step
+        samples_per_step = t.batch_size * world * t.gradient_accumulation_steps
+        bar = tqdm(total=t.max_steps, initial=step, desc="Training", disable=not accelerator.is_local_main_process)
+        unet.train()
+        while step < t.max_steps:
+            for k in range(t.gradient_accumulation_steps):
+                micro = step * t.gradient_accumulation_steps + k
+                batch = batches(micro, t.batch_size, rank, world)
+                with accelerator.accumulate(*trained):
+                    loss = loss_fn(unet, batch, seeded_generator(t.seed, 4, micro, rank), text_encoder)
+                    if not torch.isfinite(loss):
+                        last = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else "none yet"
+                        raise TrainingError(f"Loss is {loss.item()} at step {step}; stopping. Last good checkpoint: "
+                                            f"{last}. Lower train.learning_rate or use train.mixed_precision=no.")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(params)
+            step += 1
+
+            # Logging, checkpoints, validation
+            elapsed = time.time() - start_time
+            rate = (step - done_at_start) * samples_per_step / max(elapsed, 1e-9)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:.1f}")
+            if step % t.log_every == 0:
+                accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate},
+                                step=step)
+            out_of_time = t.max_minutes is not None and bool(accelerator.reduce(  # all processes stop together
+                torch.tensor(float(elapsed > 60 * t.max_minutes), device=accelerator.device), "max"))
+            if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
+                save_checkpoint(accelerator, ckpt_dir, step, t.keep_checkpoints, lr_scheduler, ema)
+            if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
+                pipe = make_pipeline(accelerator, trained, ema, encoders, config)
+                validation_grid(pipe, config, out / "samples" / f"step-{step:07d}.png")
+            if out_of_time:
+                accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
+                break
+        bar.close()
+        if not t.cache:  # the cache reports its undecodable images when it is built
+            skipped = accelerator.reduce(torch.tensor(batches.skipped, device=accelerator.device), "sum")
+            accelerator.print(f"{int(skipped)} undecodable images skipped while making batches "
+                              "(a bad file counts each time it comes up)")
+
+        # 7. Export the pipeline, or just the LoRA adapters (EMA weights where kept)
+        if accelerator.is_main_process:
+            pipe = make_pipeline(accelerator, trained, ema, encoders, config)
+            if config.lora.rank:
+                save_lora(pipe.unet, pipe.text_encoder if train_text else None, out, config.lora.kohya)
+            else:
+                export_pipeline(pipe, out / "pipeline", step)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
     return out / LORA_FILE if config.lora.rank else out / "pipeline"
 
 
@@ -189,20 +192,6 @@ def build_unet(config: Config, cross_attention_dim: int, latent_channels: int, l
     overrides = dict(cross_attention_dim=cross_attention_dim, in_channels=latent_channels,
                      out_channels=latent_channels, sample_size=latent_size) | m.unet_overrides
     return LdmUNet.from_preset(m.unet_preset, **overrides)
-
-
-def trained_models(config: Config, unet: UNet, text_encoder: torch.nn.Module) -> list[torch.nn.Module]:
-    """The models with trainable parameters. Full training (lora.rank = 0): the whole UNet. LoRA fine-tuning:
-    rank-r adapters on the frozen UNet's attention and, with lora.train_text_encoder, on the text encoder's
-    (added after the cache was keyed on its frozen weights); nothing else trains."""
-    lora = config.lora
-    if not lora.rank:
-        return [unet]
-    add_lora(unet, lora.rank, lora.alpha, UNET_TARGETS)
-    if not lora.train_text_encoder:
-        return [unet]
-    add_lora(text_encoder, lora.rank, lora.alpha, TEXT_ENCODER_TARGETS)
-    return [unet, text_encoder]
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig) -> LambdaLR:
