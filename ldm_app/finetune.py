@@ -8,6 +8,7 @@ trains LoRA adapters and draws a before/after grid. The base model on disk is ne
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_folder, atomic_write
-from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, TrainConfig
+from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, TrainConfig, validate_config
 from .extras import require_extra
 from .images import IMAGE_EXTENSIONS, decode_image
 from .loading import DEFAULT_MODEL, load_pipeline, pick_device, pick_dtype
@@ -141,25 +142,12 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
     base = load_pipeline(model, device, pick_dtype("auto", device))
     base.set_progress_bar_config(disable=True)
     resolution = resolution or base.default_size
-    if resolution % base.vae_scale_factor:
-        raise ValueError(f"--resolution {resolution} is not a multiple of the VAE factor {base.vae_scale_factor}.")
+    multiple = math.lcm(8, base.vae_scale_factor)
+    if resolution % multiple:
+        raise ValueError(f"--resolution {resolution} is not a multiple of {multiple}; use e.g. "
+                         f"{max(multiple, resolution // multiple * multiple)}.")
     objective = objective_of(base.scheduler.config, caption_dropout=0.0)  # the base's own noise schedule
-
-    # 2. Stage the photos (and class images) as captioned RGB PNGs in the run folder; the folder appears whole
-    # or not at all, so an interrupted run never resumes on part of the photos
     data_dir = output / "data"
-    if not (resume and data_dir.is_dir()):
-        photos = find_photos(photos_dir, prompt, note)
-        if not photos:
-            raise ValueError(f"No usable image in {photos_dir}; add jpg/png/webp/bmp photos.")
-        with atomic_folder(data_dir) as staging:
-            stage_photos(photos, staging, resolution, note)
-            if class_prompts:
-                note(f"generating {num_class_images} class images for prior preservation")
-                write_class_images(base, staging, list(class_prompts), num_class_images, seed)
-    del base  # the trainer loads its own copy
-
-    # 3. Train LoRA adapters with the shared trainer
     model_path = str(DEFAULT_MODEL_DIR) if model == DEFAULT_MODEL else model
     # Built directly, not from "key=value" strings: a path such as "on" or "null" must stay a path.
     config = Config(
@@ -175,6 +163,22 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
                           keep_checkpoints=1),
         lora=LoraTrainConfig(rank=rank, alpha=alpha, kohya=kohya, train_text_encoder=train_text_encoder),
     )
+    validate_config(config)  # every setting checked before photos are staged
+
+    # 2. Stage the photos (and class images) as captioned RGB PNGs in the run folder; the folder appears whole
+    # or not at all, so an interrupted run never resumes on part of the photos
+    if not (resume and data_dir.is_dir()):
+        photos = find_photos(photos_dir, prompt, note)
+        if not photos:
+            raise ValueError(f"No usable image in {photos_dir}; add jpg/png/webp/bmp photos.")
+        with atomic_folder(data_dir) as staging:
+            stage_photos(photos, staging, resolution, note)
+            if class_prompts:
+                note(f"generating {num_class_images} class images for prior preservation")
+                write_class_images(base, staging, list(class_prompts), num_class_images, seed)
+    del base  # the trainer loads its own copy
+
+    # 3. Train LoRA adapters with the shared trainer
     try:
         lora_file = train(config)
     except TrainingError as err:

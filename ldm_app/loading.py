@@ -4,6 +4,7 @@ with errors that say what to pass instead. The CLI, the fine-tuning entry point 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> LdmPi
     """The embedded default model or a pipeline folder / hub id, on `device` in `dtype`."""
     import torch
     from diffusers.utils import logging as dlogging
+    from safetensors import SafetensorError
     from transformers.utils import logging as tlogging
 
     from .pipeline import LdmPipeline, cast_quietly
@@ -76,7 +78,14 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> LdmPi
     try:
         pipe = LdmPipeline.from_default() if model == DEFAULT_MODEL else \
             LdmPipeline.from_pretrained(str(path) if path.exists() else model)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError) as err:
+        missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if getattr(pipe, name, None) is None]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)} in it")
+        if pipe.tokenizer.model_max_length > pipe.text_encoder.config.max_position_embeddings:
+            raise ValueError("its tokenizer is missing or incomplete (tokenizer/ needs vocab.json, merges.txt and "
+                             "tokenizer_config.json)")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"Cannot load model {model!r}: {reason[:300].rstrip('.')}. Check that it is a complete "
                          "pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from None
@@ -91,12 +100,18 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> LdmPi
 def parse_lora(spec: str) -> tuple[str, float]:
     """PATH or PATH:SCALE (a trailing number after the last colon is the scale)."""
     path, sep, scale = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        if Path(path).expanduser().exists():
+            raise ValueError(f"--lora {spec}: the scale {scale!r} is not a number; pass PATH:SCALE, e.g. "
+                             f"{path}:0.8.") from None
+        return spec, 1.0
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {spec}: the scale {scale!r} is not a finite number; pass e.g. {path}:0.8.")
+    return path, value
 
 
 def apply_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> None:

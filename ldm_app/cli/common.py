@@ -6,6 +6,7 @@ need when they run."""
 from __future__ import annotations
 
 import errno
+import math
 import sys
 from collections.abc import Callable
 
@@ -70,3 +71,23 @@ def quiet_option(help: str = "No progress bars or notes.") -> Callable:
 def notes(quiet: bool) -> Callable[[str], None]:
     """Where a command's notes go: stderr, or nowhere with --quiet (stdout is for the paths written)."""
     return (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+
+
+def utf8_text(ctx: click.Context, param: click.Parameter, value):
+    """Prompts must be text: bytes that are not UTF-8 (Python keeps them as lone surrogates) are refused here
+    rather than failing inside the tokenizer or the PNG writer."""
+    for text in value if isinstance(value, tuple) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise click.BadParameter("is not valid UTF-8 text; pass the text in UTF-8 (check the terminal's "
+                                         "or the script's encoding).") from None
+    return value
+
+
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """nan and inf pass click's FloatRange; they are never a useful guidance scale or η."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number; pass e.g. 5.")
+    return value

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import UserError, model_option, notes, quiet_option
+from .common import UserError, model_option, notes, quiet_option, utf8_text
 
 FINETUNE_EXAMPLES = """
 
@@ -23,7 +23,7 @@ Examples:
 @click.command("finetune-lora", epilog=FINETUNE_EXAMPLES)
 @click.argument("photos_dir", type=click.Path(file_okay=False, path_type=Path))
 @model_option("Base pipeline folder or hub id ('default' = the embedded model).")
-@click.option("--prompt", default=None, help="Caption for photos without a .txt or metadata.jsonl caption.")
+@click.option("--prompt", default=None, callback=utf8_text, help="Caption for photos without a .txt or metadata.jsonl caption.")
 @click.option("--rank", type=click.IntRange(min=1), default=8, help="LoRA rank r.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None, help="LoRA α (default: rank).")
 @click.option("--steps", type=click.IntRange(min=1), default=400, help="Optimizer steps.")
@@ -33,7 +33,7 @@ Examples:
 @click.option("--train-text-encoder", is_flag=True,
               help="Also put LoRA on the text encoder's attention (q/k/v/out_proj): learns new words better.")
 @click.option("--prior-preservation", is_flag=True, help="DreamBooth: also train on the base model's class images.")
-@click.option("--class-prompt", "class_prompts", multiple=True,
+@click.option("--class-prompt", "class_prompts", multiple=True, callback=utf8_text,
               help="Prompt for the class images, e.g. 'a photo of a cat'; repeat it to use several in turn.")
 @click.option("--num-class-images", type=click.IntRange(min=1), default=16)
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "kohya"]), default="diffusers",

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import UserError, device_option, model_option, notes, quiet_option
+from ..loading import DEFAULT_MODEL
+from .common import UserError, device_option, finite, model_option, notes, quiet_option, utf8_text
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -86,10 +87,10 @@ def run_inversion(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method
 
 @click.command("invert", epilog=INVERT_EXAMPLES)
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--prompt", required=True, help="A caption of the image: the source prompt it is inverted with.")
+@click.option("--prompt", required=True, callback=utf8_text, help="A caption of the image: the source prompt it is inverted with.")
 @click.option("--method", type=click.Choice(METHODS), default="negative-prompt", help=METHOD_HELP)
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="DDIM steps.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite,
               help="Guidance scale w that reconstruction and edits sample with.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
 @model_option()
@@ -138,8 +139,8 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
 
 @click.command("edit", epilog=EDIT_EXAMPLES)
 @click.argument("image", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--source-prompt", default=None, help="A caption of IMAGE (with --inversion it comes from the file).")
-@click.option("--target-prompt", required=True, help="The edited caption, e.g. the source prompt with a word swapped.")
+@click.option("--source-prompt", default=None, callback=utf8_text, help="A caption of IMAGE (with --inversion it comes from the file).")
+@click.option("--target-prompt", required=True, callback=utf8_text, help="The edited caption, e.g. the source prompt with a word swapped.")
 @click.option("--inversion", "inversion_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Edit from a file written by ldm-app invert instead of IMAGE.")
 @click.option("--method", type=click.Choice(METHODS), default="negative-prompt", help=METHOD_HELP)
@@ -148,7 +149,7 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
 @click.option("--self-attention-steps", type=click.FloatRange(0, 1), default=0.4,
               help="Prompt-to-Prompt: fraction of steps in which it reuses the source's self-attention maps.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="DDIM steps.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite,
               help="Guidance scale w.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
 @model_option("Pipeline folder or hub id ('default' = the embedded model; with --inversion: the one it was made "
@@ -182,8 +183,12 @@ def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | No
         if not inversion_file.is_file():
             raise UserError(f"--inversion {inversion_file}: no such file; pass a file written by ldm-app invert.")
         inversion = Inversion.load(inversion_file)
-        if "model" not in given and inversion.model:
-            model = inversion.model
+        if "model" not in given and inversion.model:  # a folder on this machine or the default, never a hub id
+            if inversion.model == DEFAULT_MODEL or Path(inversion.model).expanduser().is_dir():
+                model = inversion.model
+            else:
+                note(f"note: the inversion was made with {inversion.model!r}, which is not a model folder on this "
+                     f"machine; using {model!r} (pass --model {inversion.model} to load that one)")
     elif image is None:
         raise UserError("No IMAGE given; pass an image and --source-prompt, or --inversion FILE from ldm-app invert.")
     elif source_prompt is None:
