@@ -1,0 +1,111 @@
+"""Hub-ready exports: model cards, folders that load in plain diffusers without ldm_app, push_to_hub offline."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from ldm_app.hub import make_portable, native_index, push_to_hub, write_model_card
+from ldm_app.pipeline import LdmPipeline
+from ldm_app.testing import tiny_pipeline
+from ldm_app.unet import LdmUNet
+
+
+def _image(pipe) -> np.ndarray:
+    return pipe("a red cat", num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                output_type="np").images[0]
+
+
+@pytest.fixture
+def portable(tmp_path):
+    """A tiny LdmUNet pipeline saved, made portable and carded, and the image ldm_app's pipeline gives."""
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    make_portable(tmp_path / "pipe")
+    PIL.Image.new("RGB", (16, 16), "red").save(tmp_path / "grid.png")
+    write_model_card(tmp_path / "pipe", "pipeline", base_model=None, prompts=["a red cat"],
+                     sample_image_path=tmp_path / "grid.png", config_dict={"train": {"steps": 10}})
+    return tmp_path / "pipe", _image(pipe)
+
+
+def test_a_pipeline_card_has_the_header_diffusers_training_scripts_write(portable):
+    folder, _ = portable
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "apache-2.0" and card.data.inference
+    assert {"text-to-image", "diffusers", "diffusers-training", "ldm-app"} <= set(card.data.tags)
+    assert card.data.widget == [{"text": "a red cat", "output": {"url": "samples.png"}}]
+    assert (folder / "samples.png").is_file() and "![samples](samples.png)" in card.text
+    assert "trust_remote_code=True" in card.text  # the folder is portable, so the card says how to load it
+    assert "steps: 10" in card.text and card.data.base_model is None  # trained from scratch
+
+
+def test_a_lora_card_names_its_hub_base_model_and_instance_prompt(tmp_path):
+    write_model_card(tmp_path, "lora", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                     prompts=["a sks dog", "a sks dog in snow"], license="creativeml-openrail-m")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and "lora" in card.data.tags
+    assert card.data.instance_prompt == "a sks dog" and card.data.license == "creativeml-openrail-m"
+    assert [w["text"] for w in card.data.widget] == ["a sks dog", "a sks dog in snow"]
+    write_model_card(tmp_path, "lora", base_model=str(tmp_path), prompts=[])  # a local base: no hub id to name
+    assert ModelCard.load(tmp_path / "README.md").data.base_model is None
+    with pytest.raises(ValueError, match="Sample image .* does not exist"):
+        write_model_card(tmp_path, "lora", None, [], sample_image_path=tmp_path / "missing.png")
+
+
+PLAIN_DIFFUSERS = """
+import sys
+sys.modules["ldm_app"] = None  # an editable install would otherwise make it importable even under -I
+try:
+    import ldm_app
+    raise SystemExit("ldm_app is importable")
+except ImportError:
+    pass
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+image = pipe("a red cat", num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+             output_type="np").images[0]
+np.save(sys.argv[2], image)
+print(type(pipe).__module__, type(pipe.unet).__module__)
+"""
+
+
+def test_a_portable_folder_loads_in_plain_diffusers_without_ldm_app(portable, tmp_path):
+    folder, expected = portable
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}  # diffusers copies remote code there
+    run = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS, str(folder), str(tmp_path / "image.npy")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["diffusers_modules.local.pipeline", "diffusers_modules.local.unet"]
+    np.testing.assert_allclose(np.load(tmp_path / "image.npy"), expected, atol=1e-5)
+
+
+class PortableAwarePipeline(LdmPipeline):
+    """LdmPipeline plus the `load_config` override proposed for ldm_app/pipeline.py (see native_index)."""
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        config = super().load_config(*args, **kwargs)
+        return (native_index(config[0]), *config[1:]) if isinstance(config, tuple) else native_index(config)
+
+
+def test_ldm_app_loads_a_portable_folder_with_its_own_classes(portable):
+    folder, expected = portable
+    assert json.loads((folder / "model_index.json").read_text())["unet"] == ["unet", "LdmUNet"]
+    pipe = PortableAwarePipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.unet) is LdmUNet
+    np.testing.assert_allclose(_image(pipe), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="not a saved LdmPipeline folder"):
+        make_portable(folder / "unet")
