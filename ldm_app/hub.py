@@ -210,4 +210,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
         status = error.response.status_code if error.response is not None else "no"
         raise ValueError(f"Pushing {folder} to {repo_id} failed ({status} response: {str(error).splitlines()[0]}); "
                          "check the repo id and that the token (HF_TOKEN or --token) may write to it.") from error
+    except ValueError as error:  # huggingface_hub's own, e.g. the Hub rejected the card's metadata: one line
+        raise ValueError(" ".join(str(error).split())) from error
     return commit.commit_url

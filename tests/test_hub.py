@@ -109,3 +109,85 @@ def test_ldm_app_loads_a_portable_folder_with_its_own_classes(portable):
     np.testing.assert_allclose(_image(pipe), expected, atol=1e-5)
     with pytest.raises(ValueError, match="not a saved LdmPipeline folder"):
         make_portable(folder / "unet")
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The three Hub API routes an upload of small files uses: create repo, preupload (says "regular": the files
+    travel inline in the commit), commit (NDJSON). Records what arrived in `server.repos`."""
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        endpoint = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
+        if self.headers.get("Authorization") != "Bearer hf_fake_token":
+            return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            repo_id = f"{request.get('organization') or 'me'}/{request['name']}"
+            self.server.repos[repo_id] = {"visibility": request.get("visibility"), "files": {}}
+            return self._reply(200, {"url": f"{endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
+        if self.path == "/api/validate-yaml":  # the Hub checks a README's metadata before the commit
+            card = json.loads(body)["content"]
+            errors = [] if "library_name: diffusers" in card else [{"message": "no library_name"}]
+            return self._reply(400 if errors else 200, {"errors": errors, "warnings": []})
+        parts = self.path.split("/")  # /api/models/<owner>/<name>/<preupload|commit>/<revision>
+        repo_id, action = f"{parts[3]}/{parts[4]}", parts[5]
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+        if action == "commit":
+            for line in body.decode().splitlines():
+                entry = json.loads(line)
+                if entry["key"] == "file":
+                    self.server.repos[repo_id]["files"][entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+            return self._reply(200, {"commitUrl": f"{endpoint}/{repo_id}/commit/abc123", "commitOid": "abc123"})
+        self._reply(404, {"error": f"unexpected route {self.path}"})
+
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest sets it; this hub is local
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.repos = {}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_every_file(portable, fake_hub):
+    folder, _ = portable
+    server, endpoint = fake_hub
+    url = push_to_hub(folder, "me/tiny-ldm", token="hf_fake_token", private=True, endpoint=endpoint)
+    assert url == f"{endpoint}/me/tiny-ldm/commit/abc123"
+    repo = server.repos["me/tiny-ldm"]
+    assert repo["visibility"] == "private"
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert repo["files"] == local and "unet/unet.py" in local and "README.md" in local
+
+
+def test_push_to_hub_errors_are_one_line(portable, fake_hub, tmp_path):
+    folder, _ = portable
+    _, endpoint = fake_hub
+    with pytest.raises(ValueError, match="401 response.*check the repo id and that the token") as error:
+        push_to_hub(folder, "me/tiny-ldm", token="hf_wrong", endpoint=endpoint)
+    assert "\n" not in str(error.value)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\nno library")
+    with pytest.raises(ValueError, match="Invalid metadata in README.md. - no library_name") as error:
+        push_to_hub(folder, "me/tiny-ldm", token="hf_fake_token", endpoint=endpoint)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="has no README.md; write its model card first"):
+        push_to_hub(tmp_path / "pipe" / "unet", "me/x", token="hf_fake_token", endpoint=endpoint)
