@@ -213,3 +213,16 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
     except ValueError as error:  # huggingface_hub's own, e.g. the Hub rejected the card's metadata: one line
         raise ValueError(" ".join(str(error).split())) from error
     return commit.commit_url
+
+
+def share_export(folder: str | os.PathLike, kind: Literal["pipeline", "lora"], base_model: str | None,
+                 prompts: Sequence[str], sample_image_path: str | os.PathLike | None = None,
+                 config_dict: dict[str, Any] | None = None, license: str = "apache-2.0", push_to: str | None = None,
+                 token: str | None = None, private: bool = False) -> str | None:
+    """What every export ends with, in the order that matters: a pipeline folder made portable (its card then
+    shows the plain-diffusers snippet), the model card, and the upload when `push_to` names a repo (its commit
+    URL is returned)."""
+    if kind == "pipeline":
+        make_portable(folder)
+    write_model_card(folder, kind, base_model, prompts, sample_image_path, config_dict, license, repo_id=push_to)
+    return push_to_hub(folder, push_to, token=token, private=private) if push_to else None

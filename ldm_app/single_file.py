@@ -88,12 +88,10 @@ def from_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
 
 
 def _variants(folder: Path) -> set[str]:
-    """Weight-file variants present in a pipeline folder (`diffusion_pytorch_model.fp16.safetensors` → 'fp16')."""
-    return {f.name.split(".")[-2] for f in folder.glob("*/*.safetensors") if f.name.count(".") == 2}
-
-
-def _has_plain_weights(folder: Path) -> bool:
-    return any(f.name.count(".") == 1 for f in folder.glob("*/*.safetensors"))
+    """Weight-file variants in a pipeline folder (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`
+    → 'fp16'); '' stands for plain weights (`model.safetensors`, `model-00001-of-00002.safetensors`)."""
+    names = [f.name.split(".") for f in folder.glob("*/*.safetensors")]
+    return {parts[1].split("-")[0] if len(parts) == 3 else "" for parts in names}
 
 
 def load_model(spec: str | os.PathLike, variant: str | None = None, torch_dtype: torch.dtype | None = None,
@@ -111,11 +109,12 @@ def load_model(spec: str | os.PathLike, variant: str | None = None, torch_dtype:
         return from_single_file(path, torch_dtype=torch_dtype)
     if path.is_dir():
         variants = _variants(path)
-        if variant is None and variants and not _has_plain_weights(path):
-            raise ValueError(f"{path} holds only {'/'.join(sorted(variants))} variant weights; pass "
-                             f"variant={sorted(variants)[0]!r} (--variant {sorted(variants)[0]}).")
+        named = sorted(variants - {""})
+        if variant is None and named and "" not in variants:
+            raise ValueError(f"{path} holds only {'/'.join(named)} variant weights; pass variant={named[0]!r} "
+                             f"(--variant {named[0]}).")
         if variant is not None and variant not in variants:
             raise ValueError(f"{path} has no {variant!r} variant weights (*.{variant}.safetensors); "
-                             f"{'variants there: ' + ', '.join(sorted(variants)) if variants else 'drop the variant'}.")
+                             f"{'variants there: ' + ', '.join(named) if named else 'drop the variant'}.")
         return LdmPipeline.from_pretrained(path, variant=variant, **dtype_kwargs, **kwargs)
     return LdmPipeline.from_pretrained(str(spec), variant=variant, **dtype_kwargs, **kwargs)  # a hub id

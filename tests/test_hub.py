@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from ldm_app.hub import make_portable, native_index, push_to_hub, write_model_card
+from ldm_app.hub import make_portable, native_index, push_to_hub, share_export, write_model_card
 from ldm_app.pipeline import LdmPipeline
 from ldm_app.testing import tiny_pipeline
 from ldm_app.unet import LdmUNet
@@ -30,10 +30,9 @@ def portable(tmp_path):
     """A tiny LdmUNet pipeline saved, made portable and carded, and the image ldm_app's pipeline gives."""
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
-    make_portable(tmp_path / "pipe")
     PIL.Image.new("RGB", (16, 16), "red").save(tmp_path / "grid.png")
-    write_model_card(tmp_path / "pipe", "pipeline", base_model=None, prompts=["a red cat"],
-                     sample_image_path=tmp_path / "grid.png", config_dict={"train": {"steps": 10}})
+    share_export(tmp_path / "pipe", "pipeline", base_model=None, prompts=["a red cat"],
+                 sample_image_path=tmp_path / "grid.png", config_dict={"train": {"steps": 10}})
     return tmp_path / "pipe", _image(pipe)
 
 
@@ -102,6 +101,7 @@ class PortableAwarePipeline(LdmPipeline):
 
 def test_ldm_app_loads_a_portable_folder_with_its_own_classes(portable):
     folder, expected = portable
+    make_portable(folder)  # again, as a re-export would: nothing changes
     assert json.loads((folder / "model_index.json").read_text())["unet"] == ["unet", "LdmUNet"]
     pipe = PortableAwarePipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)

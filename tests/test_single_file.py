@@ -1,17 +1,20 @@
 """Single-file SD-1.x checkpoints, fp16-variant folders and `load_model`'s dispatch."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint)
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_app.pipeline import LdmPipeline, cast_quietly
-from ldm_app.single_file import SD_V1_CONFIG, from_single_file, load_model
+from ldm_app.single_file import SD_V1_CONFIG, checkpoint_family, from_single_file, load_model
 from ldm_app.testing import tiny_pipeline
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -60,8 +63,8 @@ def _vae_key(key: str, levels: int) -> str:
     return key
 
 
-def to_original_layout(pipe: LdmPipeline) -> dict[str, torch.Tensor]:
-    """A diffusers-UNet pipeline's weights as an A1111/CompVis single file would hold them."""
+def to_original_layout(pipe: LdmPipeline | SimpleNamespace) -> dict[str, torch.Tensor]:
+    """A diffusers-UNet pipeline's weights (unet, vae, text_encoder) as an A1111/CompVis single file holds them."""
     state = {f"model.diffusion_model.{_unet_key(k, pipe.unet)}": v for k, v in pipe.unet.state_dict().items()}
     levels = len(pipe.vae.config.block_out_channels)
     for k, v in pipe.vae.state_dict().items():
@@ -102,12 +105,21 @@ def test_the_shipped_sd_v1_configs_describe_the_real_model():
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def _fake_checkpoint(path, **extra_keys):
-    keys = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1),
-            "first_stage_model.encoder.conv_in.weight": torch.zeros(1),
-            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(1, 1)}
-    save_file({**keys, **{k.replace("__", "."): v for k, v in extra_keys.items()}}, path)
-    return path
+def test_the_full_size_sd_v1_layout_is_detected_and_converts_to_the_shipped_configs():
+    # shape-only (meta) SD-1.5 components from the shipped configs, in the CompVis layout: no memory, no download
+    with init_empty_weights():
+        full = SimpleNamespace(
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD_V1_CONFIG, subfolder="unet")),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD_V1_CONFIG, subfolder="vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(SD_V1_CONFIG, subfolder="text_encoder")))
+    state = to_original_layout(full)
+    assert state["model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 768)
+    assert "model.diffusion_model.output_blocks.11.0.skip_connection.weight" in state  # keys every v1 file has
+    assert checkpoint_family(state) == "v1"
+    assert convert_ldm_unet_checkpoint(state, full.unet.config).keys() == full.unet.state_dict().keys()
+    assert convert_ldm_vae_checkpoint(state, full.vae.config).keys() == full.vae.state_dict().keys()
+    unprefixed = {k.removeprefix("text_model.") for k in convert_ldm_clip_checkpoint(state)}
+    assert unprefixed == {k.removeprefix("text_model.") for k in full.text_encoder.state_dict()}
 
 
 @pytest.mark.parametrize("keys, named", [
