@@ -105,7 +105,8 @@ def write_model_card(
     if prompts:
         sections += ["Prompts:\n", "".join(f"- {p}\n" for p in prompts)]
     if config_dict:
-        sections += ["## Training configuration\n", "```yaml\n" + yaml.safe_dump(config_dict, sort_keys=False) + "```\n"]
+        config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
+        sections += ["## Training configuration\n", f"```yaml\n{config_yaml}```\n"]
     card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections)), CARD_TAGS[kind])
     with atomic_write(folder / "README.md") as tmp:
         card.save(tmp)
@@ -124,7 +125,8 @@ def _read_index(folder: Path) -> dict[str, Any]:
 def _relative_imports(module: Path) -> list[str]:
     """The sibling modules `module` imports (`from .x import y`)."""
     tree = ast.parse(module.read_text(encoding="utf-8"))
-    return [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+    return [node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
 
 
 def pipeline_sources() -> list[Path]:
@@ -158,8 +160,9 @@ def make_portable(folder: str | os.PathLike) -> Path:
         with atomic_write(folder / source.name) as tmp:
             shutil.copyfile(source, tmp)
     entry = ['"""LdmPipeline from ldm-app, for `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.',
-             "", "Written by ldm_app.hub.make_portable. The modules beside it are unchanged copies of ldm_app's; each is",
-             'imported here because diffusers copies only the modules that this entry module imports directly."""', ""]
+             "", "Written by ldm_app.hub.make_portable. The modules beside it are unchanged copies of ldm_app's;",
+             "each is imported here because diffusers copies only the modules that this entry module imports",
+             'directly."""', ""]
     entry += [f"from .{s.stem} import *  # noqa: F401,F403" for s in reversed(sources) if s.stem != "pipeline"]
     entry += ["from .pipeline import LdmPipeline  # noqa: F401", ""]
     with atomic_write(folder / f"{PIPELINE_MODULE}.py") as tmp:
@@ -189,20 +192,23 @@ def native_index(index: dict[str, Any]) -> dict[str, Any]:
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
-                commit_message: str = "Upload with ldm-app", endpoint: str | None = None) -> str:
+                commit_message: str = "Upload with ldm-app", allow_patterns: Sequence[str] | None = None) -> str:
     """Upload an exported folder to the Hub repo `repo_id` (created if missing); returns the commit's URL.
 
-    `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`); `endpoint` to HF_ENDPOINT or the Hub.
+    `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`); HF_ENDPOINT picks another Hub.
+    `allow_patterns` limits the upload to some files, e.g. a LoRA's, its card and samples out of a run folder that
+    also holds checkpoints (README.md is always included).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; export the pipeline or LoRA first.")
     if not (folder / "README.md").is_file():
         raise ValueError(f"{folder} has no README.md; write its model card first (ldm_app.hub.write_model_card).")
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(token=token)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
+                                   allow_patterns=[*allow_patterns, "README.md"] if allow_patterns else None,
                                    ignore_patterns=[".*", "*.tmp*", "__pycache__/*"])
     except OfflineModeIsEnabled as error:
         raise ValueError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and retry.") from error
@@ -218,11 +224,16 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
 def share_export(folder: str | os.PathLike, kind: Literal["pipeline", "lora"], base_model: str | None,
                  prompts: Sequence[str], sample_image_path: str | os.PathLike | None = None,
                  config_dict: dict[str, Any] | None = None, license: str = "apache-2.0", push_to: str | None = None,
-                 token: str | None = None, private: bool = False) -> str | None:
+                 token: str | None = None, private: bool = False,
+                 allow_patterns: Sequence[str] | None = None) -> str | None:
     """What every export ends with, in the order that matters: a pipeline folder made portable (its card then
     shows the plain-diffusers snippet), the model card, and the upload when `push_to` names a repo (its commit
-    URL is returned)."""
+    URL is returned; `allow_patterns` as in `push_to_hub`)."""
     if kind == "pipeline":
         make_portable(folder)
     write_model_card(folder, kind, base_model, prompts, sample_image_path, config_dict, license, repo_id=push_to)
-    return push_to_hub(folder, push_to, token=token, private=private) if push_to else None
+    if push_to is None:
+        return None
+    if sample_image_path is not None and allow_patterns:
+        allow_patterns = [*allow_patterns, f"samples{Path(sample_image_path).suffix.lower()}"]  # the card shows it
+    return push_to_hub(folder, push_to, token=token, private=private, allow_patterns=allow_patterns)

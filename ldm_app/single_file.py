@@ -23,7 +23,8 @@ SD_V1_CONFIG = Path(__file__).parent / "sd_configs" / "v1"
 SUPPORTED = "Stable Diffusion 1.x (v1-4, v1-5 and their fine-tunes, e.g. A1111/Civitai .safetensors files)"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The parts of an SD-1.x single file, by key prefix; a file without one of them cannot become a pipeline.
-V1_PARTS = {"model.diffusion_model.": "UNet", "first_stage_model.": "VAE", "cond_stage_model.transformer.": "CLIP text encoder"}
+V1_PARTS = {"model.diffusion_model.": "UNet", "first_stage_model.": "VAE",
+            "cond_stage_model.transformer.": "CLIP text encoder"}
 # diffusers' names for the model families it tells apart (`infer_diffusers_model_type`), as users know them
 FAMILY_NAMES = {"unknown": "not a Stable Diffusion UNet checkpoint (no model.diffusion_model.* keys)",
                 "v2": "Stable Diffusion 2.x", "inpainting": "Stable Diffusion 1.x inpainting",
@@ -83,7 +84,8 @@ def from_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     sd = StableDiffusionPipeline.from_single_file(
         str(path), config=str(config or SD_V1_CONFIG), local_files_only=True, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False, **dtype_kwargs)
-    pipe = LdmPipeline(**{name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
+    pipe = LdmPipeline(**{name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet",
+                                                                 "scheduler")})
     return pipe if torch_dtype is not None else cast_quietly(pipe, torch.float32)  # files are often fp16: slow on CPUs
 
 

@@ -147,7 +147,8 @@ class FakeHub(BaseHTTPRequestHandler):
             for line in body.decode().splitlines():
                 entry = json.loads(line)
                 if entry["key"] == "file":
-                    self.server.repos[repo_id]["files"][entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+                    file = entry["value"]
+                    self.server.repos[repo_id]["files"][file["path"]] = base64.b64decode(file["content"])
             return self._reply(200, {"commitUrl": f"{endpoint}/{repo_id}/commit/abc123", "commitOid": "abc123"})
         self._reply(404, {"error": f"unexpected route {self.path}"})
 
@@ -159,11 +160,13 @@ class FakeHub(BaseHTTPRequestHandler):
 def fake_hub(monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest sets it; this hub is local
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     server.repos = {}
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest sets it; this hub is local
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    yield server, endpoint
     server.shutdown()
     server.server_close()
 
@@ -171,7 +174,7 @@ def fake_hub(monkeypatch):
 def test_push_to_hub_creates_the_repo_and_uploads_every_file(portable, fake_hub):
     folder, _ = portable
     server, endpoint = fake_hub
-    url = push_to_hub(folder, "me/tiny-ldm", token="hf_fake_token", private=True, endpoint=endpoint)
+    url = push_to_hub(folder, "me/tiny-ldm", token="hf_fake_token", private=True)
     assert url == f"{endpoint}/me/tiny-ldm/commit/abc123"
     repo = server.repos["me/tiny-ldm"]
     assert repo["visibility"] == "private"
@@ -179,15 +182,26 @@ def test_push_to_hub_creates_the_repo_and_uploads_every_file(portable, fake_hub)
     assert repo["files"] == local and "unet/unet.py" in local and "README.md" in local
 
 
-def test_push_to_hub_errors_are_one_line(portable, fake_hub, tmp_path):
+@pytest.mark.usefixtures("fake_hub")
+def test_push_to_hub_errors_are_one_line(portable, tmp_path):
     folder, _ = portable
-    _, endpoint = fake_hub
     with pytest.raises(ValueError, match="401 response.*check the repo id and that the token") as error:
-        push_to_hub(folder, "me/tiny-ldm", token="hf_wrong", endpoint=endpoint)
+        push_to_hub(folder, "me/tiny-ldm", token="hf_wrong")
     assert "\n" not in str(error.value)
     (folder / "README.md").write_text("---\nlicense: mit\n---\nno library")
     with pytest.raises(ValueError, match="Invalid metadata in README.md. - no library_name") as error:
-        push_to_hub(folder, "me/tiny-ldm", token="hf_fake_token", endpoint=endpoint)
+        push_to_hub(folder, "me/tiny-ldm", token="hf_fake_token")
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="has no README.md; write its model card first"):
-        push_to_hub(tmp_path / "pipe" / "unet", "me/x", token="hf_fake_token", endpoint=endpoint)
+        push_to_hub(tmp_path / "pipe" / "unet", "me/x", token="hf_fake_token")
+
+
+def test_a_lora_in_a_run_folder_is_pushed_without_the_rest_of_the_run(tmp_path, fake_hub):
+    server, _ = fake_hub
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model.safetensors").write_bytes(b"not for the hub")
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")
+    share_export(tmp_path, "lora", "default", ["a sks dog"], sample_image_path=tmp_path / "grid.png",
+                 push_to="me/lora", token="hf_fake_token", allow_patterns=["pytorch_lora_weights.safetensors"])
+    assert set(server.repos["me/lora"]["files"]) == {"pytorch_lora_weights.safetensors", "README.md", "samples.png"}
