@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .pipeline import LdmPipeline, cast_quietly
 
@@ -59,7 +59,10 @@ def check_single_file(path: str | os.PathLike) -> Path:
                          "'default' or a hub id.")
     if not path.is_file():
         raise ValueError(f"{path} does not exist; check the path of the single-file checkpoint.")
-    header = read_header(path)
+    try:
+        header = read_header(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable .safetensors file ({error}); download it again.") from None
     family = checkpoint_family(header)
     if family != "v1":
         what = FAMILY_NAMES.get(family, f"a {family!r} checkpoint")

@@ -147,6 +147,9 @@ def test_incomplete_unknown_and_pickled_files_are_refused(tmp_path):
     save_file({"lora_unet_down.lora_up.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not a Stable Diffusion UNet checkpoint"):
         load_model(path)
+    path.write_bytes(b"half a download")
+    with pytest.raises(ValueError, match="is not a readable .safetensors file .*; download it again"):
+        load_model(path)
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"never read")
     with pytest.raises(ValueError, match="pickle checkpoint .* never loads pickles"):
