@@ -3,8 +3,8 @@
 - `write_model_card`: README.md with the YAML header diffusers' training scripts write (base model, tags, licence,
   prompts, widget with the sample grid), built with huggingface_hub's `ModelCard` as diffusers'
   `load_or_create_model_card` / `populate_model_card` do.
-- `make_portable`: copies ldm_app's pipeline and UNet code into a pipeline folder and points model_index.json at
-  it, the layout diffusers' custom-code loading reads, so `DiffusionPipeline.from_pretrained(folder,
+- `make_portable`: writes ldm_app's pipeline and UNet code into a pipeline folder and points model_index.json
+  at it, the layout diffusers' custom-code loading reads, so `DiffusionPipeline.from_pretrained(folder,
   trust_remote_code=True)` works where ldm_app is not installed. ldm_app itself keeps loading its own classes
   (`native_index`).
 - `push_to_hub`: `HfApi.create_repo` + `upload_folder`.
@@ -16,6 +16,7 @@ import ast
 import json
 import os
 import shutil
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from .atomic import atomic_write
 
 PACKAGE_DIR = Path(__file__).parent
-PIPELINE_MODULE = "ldm_pipeline"  # the folder's entry module: model_index.json's `_class_name` names it
+PIPELINE_MODULE = "pipeline"  # pipeline.py in the folder: model_index.json's `_class_name` names it
 UNET_MODULE = "unet"  # unet/unet.py in the folder; model_index.json's unet entry names it
 CARD_TAGS = {"pipeline": ["text-to-image", "diffusers", "diffusers-training", "ldm-app"],
              "lora": ["text-to-image", "diffusers", "diffusers-training", "lora", "ldm-app"]}
@@ -122,51 +123,79 @@ def _read_index(folder: Path) -> dict[str, Any]:
     return json.loads(index.read_text()) if index.is_file() else {}
 
 
-def _relative_imports(module: Path) -> list[str]:
-    """The sibling modules `module` imports (`from .x import y`)."""
-    tree = ast.parse(module.read_text(encoding="utf-8"))
-    return [node.module for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+def _module_order(entry: Path, order: list[Path], seen: set[Path]) -> list[Path]:
+    """`entry` and the sibling modules it imports at module level, each after the modules it needs."""
+    seen.add(entry)
+    for node in ast.parse(entry.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            module = entry.parent / f"{node.module.replace('.', '/')}.py"
+            if module not in seen:
+                _module_order(module, order, seen)
+    order.append(entry)
+    return order
 
 
-def pipeline_sources() -> list[Path]:
-    """ldm_app/pipeline.py and every ldm_app module it needs, transitively: the code a portable folder carries."""
-    needed, todo = [], [PACKAGE_DIR / "pipeline.py"]
-    while todo:
-        module = todo.pop()
-        if module not in needed:
-            needed.append(module)
-            todo += [PACKAGE_DIR / f"{name.replace('.', '/')}.py" for name in _relative_imports(module)]
-    return needed
+def _unbundled(source: str, package: str) -> str:
+    """A module's source with its relative imports undone: module-level ones dropped (the names are defined
+    earlier in the bundle; `as` names become assignments), ones inside functions (lazy imports of optional
+    features) pointed at the installed package, and `from __future__` dropped (the bundle has it once)."""
+    lines = source.splitlines()
+    for node in sorted(ast.walk(ast.parse(source)), key=lambda n: -getattr(n, "lineno", 0)):
+        if not isinstance(node, ast.ImportFrom) or not (node.level == 1 or node.module == "__future__"):
+            continue
+        indent = " " * node.col_offset
+        if node.module == "__future__":
+            replacement = []
+        elif node.col_offset == 0:
+            replacement = [f"{a.asname} = {a.name}" for a in node.names if a.asname and a.asname != a.name]
+        else:
+            absolute = ast.ImportFrom(module=f"{package}.{node.module}", names=node.names, level=0)
+            replacement = [indent + ast.unparse(absolute)]
+        lines[node.lineno - 1:node.end_lineno] = replacement
+    return "\n".join(lines)
+
+
+def bundle_source(entry: str | os.PathLike, package: str = "ldm_app") -> str:
+    """`entry` and the modules of its package it imports, as one module that imports no sibling: the code of a
+    portable folder. Each module's text is kept but for its relative imports (see `_unbundled`); generated at
+    export time from the installed package, so it always matches the code that wrote the weights."""
+    modules = _module_order(Path(entry), [], set())
+    defined: dict[str, str] = {}
+    for module in modules:  # one namespace now: a name defined in two modules would silently shadow one
+        for node in ast.parse(module.read_text(encoding="utf-8")).body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else \
+                [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)]
+            for name in names:
+                if defined.setdefault(name, module.name) != module.name:
+                    raise ValueError(f"Cannot bundle {entry}: {name} is defined in both {defined[name]} and "
+                                     f"{module.name}; rename one.")
+    origin = textwrap.fill(f"Generated by ldm_app.hub.make_portable from {', '.join(m.name for m in modules)} "
+                           "(in this order), each unchanged but for its relative imports.", width=110)
+    header = (f'"""{Path(entry).name} of {package} and the {package} modules it needs, as one module, for plain '
+              "diffusers:\n`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` without "
+              f'{package} installed.\n\n{origin}\n"""\n\nfrom __future__ import annotations\n\n')
+    sections = [f"# {'-' * 106}\n# {package}/{m.name}\n\n{_unbundled(m.read_text(encoding='utf-8'), package)}"
+                for m in modules]
+    return header + "\n\n".join(sections) + "\n"
 
 
 def make_portable(folder: str | os.PathLike) -> Path:
     """Make a saved `LdmPipeline` folder load in plain diffusers: `DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)`, with no ldm_app installed.
+    trust_remote_code=True)`, locally or from the Hub, with no ldm_app installed.
 
-    Copies ldm_app's modules unchanged: pipeline.py and what it imports into the folder, unet.py into unet/
-    (diffusers' custom-component layout), plus an entry module `ldm_pipeline.py` that imports each copy, since
-    diffusers brings along only the modules an entry module imports directly. model_index.json then names them.
-    The copies come from the installed ldm_app at export time, so they always match the code that wrote the
-    weights. model_index.json is written last: an interrupted call leaves a folder that still loads in ldm_app.
+    Writes diffusers' custom-code layout: `pipeline.py` (ldm_app's pipeline module with the ldm_app modules it
+    imports, `bundle_source`: a Hub download fetches only this one file of pipeline code) and `unet/unet.py`
+    (ldm_app's UNet module, self-contained already), and points model_index.json at them. ldm_app itself goes
+    on loading its own classes (`native_index`). model_index.json is written last: an interrupted call leaves a
+    folder that still loads in ldm_app.
     """
     folder = Path(folder)
     index = _read_index(folder)
     if index.get("_class_name") not in ("LdmPipeline", [PIPELINE_MODULE, "LdmPipeline"]):
         raise ValueError(f"{folder} is not a saved LdmPipeline folder (model_index.json names "
                          f"{index.get('_class_name')!r}); save one with LdmPipeline.save_pretrained first.")
-    sources = pipeline_sources()
-    for source in sources:
-        with atomic_write(folder / source.name) as tmp:
-            shutil.copyfile(source, tmp)
-    entry = ['"""LdmPipeline from ldm-app, for `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.',
-             "", "Written by ldm_app.hub.make_portable. The modules beside it are unchanged copies of ldm_app's;",
-             "each is imported here because diffusers copies only the modules that this entry module imports",
-             'directly."""', ""]
-    entry += [f"from .{s.stem} import *  # noqa: F401,F403" for s in reversed(sources) if s.stem != "pipeline"]
-    entry += ["from .pipeline import LdmPipeline  # noqa: F401", ""]
     with atomic_write(folder / f"{PIPELINE_MODULE}.py") as tmp:
-        tmp.write_text("\n".join(entry))
+        tmp.write_text(bundle_source(PACKAGE_DIR / "pipeline.py"), encoding="utf-8")
     for name, value in index.items():
         if isinstance(value, list) and value[1:] == ["LdmUNet"]:
             with atomic_write(folder / name / f"{UNET_MODULE}.py") as tmp:

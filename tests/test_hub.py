@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from ldm_app.hub import make_portable, native_index, push_to_hub, share_export, write_model_card
+from ldm_app.hub import bundle_source, make_portable, native_index, push_to_hub, share_export, write_model_card
 from ldm_app.pipeline import LdmPipeline
 from ldm_app.testing import tiny_pipeline
 from ldm_app.unet import LdmUNet
@@ -81,6 +81,9 @@ print(type(pipe).__module__, type(pipe.unet).__module__)
 
 def test_a_portable_folder_loads_in_plain_diffusers_without_ldm_app(portable, tmp_path):
     folder, expected = portable
+    # the code files a Hub download fetches: the `_class_name` module (also diffusers' pipeline.py) and the
+    # custom component's module; no other .py file would arrive
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py")) == ["pipeline.py", "unet/unet.py"]
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "HF_MODULES_CACHE": str(tmp_path / "modules")}  # diffusers copies remote code there
     run = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS, str(folder), str(tmp_path / "image.npy")],
@@ -88,6 +91,25 @@ def test_a_portable_folder_loads_in_plain_diffusers_without_ldm_app(portable, tm
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["diffusers_modules.local.pipeline", "diffusers_modules.local.unet"]
     np.testing.assert_allclose(np.load(tmp_path / "image.npy"), expected, atol=1e-5)
+
+
+def test_a_bundle_is_its_modules_without_their_relative_imports(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("from __future__ import annotations\n\nfrom .b import double as twice\n\n\n"
+                                  "def run(x: int) -> int:\n    return twice(x) + 1\n\n\n"
+                                  "def lazy():\n    from .c import g\n    return g()\n")
+    (package / "b.py").write_text('"""b"""\nimport math\n\n\ndef double(x):\n    return int(math.pow(x, 1)) * 2\n')
+    (package / "c.py").write_text("def g():\n    return 'c'\n")
+    source = bundle_source(package / "a.py", package="pkg")
+    assert "from ." not in source and "from pkg.c import g" in source  # a lazy import stays lazy, on the package
+    assert source.index("# pkg/b.py") < source.index("# pkg/a.py") and "# pkg/c.py" not in source
+    namespace: dict = {}
+    exec(compile(source, "bundle.py", "exec"), namespace)
+    assert namespace["run"](2) == 5
+    (package / "a.py").write_text("from .b import double\n\n\ndef double(x):\n    return x\n")
+    with pytest.raises(ValueError, match="double is defined in both b.py and a.py"):
+        bundle_source(package / "a.py", package="pkg")
 
 
 class PortableAwarePipeline(LdmPipeline):
@@ -102,7 +124,8 @@ class PortableAwarePipeline(LdmPipeline):
 def test_ldm_app_loads_a_portable_folder_with_its_own_classes(portable):
     folder, expected = portable
     make_portable(folder)  # again, as a re-export would: nothing changes
-    assert json.loads((folder / "model_index.json").read_text())["unet"] == ["unet", "LdmUNet"]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["unet"] == ["unet", "LdmUNet"] and index["_class_name"] == ["pipeline", "LdmPipeline"]
     pipe = PortableAwarePipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.unet) is LdmUNet
