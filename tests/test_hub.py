@@ -1,6 +1,7 @@
 """Hub-ready exports: model cards, folders that load in plain diffusers without ldm_app, push_to_hub offline."""
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -70,27 +71,14 @@ except ImportError:
     pass
 import numpy as np, torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-pipe.set_progress_bar_config(disable=True)
-image = pipe("a red cat", num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-             output_type="np").images[0]
-np.save(sys.argv[2], image)
-print(type(pipe).__module__, type(pipe.unet).__module__)
+for source, name in (("folder", sys.argv[1]), ("hub", sys.argv[2])):
+    pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red cat", num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images[0]
+    np.save(f"{sys.argv[3]}/{source}.npy", image)
+    print(type(pipe).__module__, type(pipe.unet).__module__)
 """
-
-
-def test_a_portable_folder_loads_in_plain_diffusers_without_ldm_app(portable, tmp_path):
-    folder, expected = portable
-    # the code files a Hub download fetches: the `_class_name` module (also diffusers' pipeline.py) and the
-    # custom component's module; no other .py file would arrive
-    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py")) == ["pipeline.py", "unet/unet.py"]
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules")}  # diffusers copies remote code there
-    run = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS, str(folder), str(tmp_path / "image.npy")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["diffusers_modules.local.pipeline", "diffusers_modules.local.unet"]
-    np.testing.assert_allclose(np.load(tmp_path / "image.npy"), expected, atol=1e-5)
 
 
 def test_a_bundle_is_its_modules_without_their_relative_imports(tmp_path):
@@ -135,8 +123,9 @@ def test_ldm_app_loads_a_portable_folder_with_its_own_classes(portable):
 
 
 class FakeHub(BaseHTTPRequestHandler):
-    """The three Hub API routes an upload of small files uses: create repo, preupload (says "regular": the files
-    travel inline in the commit), commit (NDJSON). Records what arrived in `server.repos`."""
+    """The Hub API routes an upload of small files uses: create repo, validate the card, preupload (says
+    "regular": the files travel inline in the commit), commit (NDJSON); and those a download uses: repo info,
+    file tree, files. Keeps the repos in `server.repos`."""
 
     def _reply(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -175,8 +164,44 @@ class FakeHub(BaseHTTPRequestHandler):
             return self._reply(200, {"commitUrl": f"{endpoint}/{repo_id}/commit/abc123", "commitOid": "abc123"})
         self._reply(404, {"error": f"unexpected route {self.path}"})
 
+    def do_GET(self, head: bool = False):  # noqa: N802 (the reads a download makes: repo info, tree, files)
+        path = self.path.split("?")[0]
+        parts = path.split("/")
+        repo_id = f"{parts[3]}/{parts[4]}" if path.startswith("/api/models/") else "/".join(parts[1:3])
+        if repo_id not in self.server.repos:
+            return self._reply(404, {"error": f"Repository {repo_id} not found"})
+        if path.startswith("/api/models/"):  # /api/models/<owner>/<name>/<revision|tree>/<revision>[/...]
+            files = self.server.repos[repo_id]["files"]
+            if len(parts) == 5 or parts[5] == "revision":
+                return self._reply(200, {"id": f"{parts[3]}/{parts[4]}", "sha": FAKE_SHA, "private": False,
+                                         "siblings": [{"rfilename": name} for name in files]})
+            return self._reply(200, [{"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)}
+                                     for name, data in files.items()])
+        files = self.server.repos[repo_id]["files"]  # /<owner>/<name>/resolve/<revision>/<file>
+        name = "/".join(parts[5:])
+        if name not in files:
+            return self._reply(404, {"error": "Entry not found"})
+        data = files[name]
+        self.send_response(200)
+        for key, value in {"Content-Length": str(len(data)), "ETag": f'"{_git_oid(data)}"', "X-Repo-Commit": FAKE_SHA,
+                           "Content-Type": "application/octet-stream"}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def do_HEAD(self):  # noqa: N802
+        self.do_GET(head=True)
+
     def log_message(self, *args):  # keep pytest's output clean
         pass
+
+
+FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 @pytest.fixture
@@ -203,6 +228,24 @@ def test_push_to_hub_creates_the_repo_and_uploads_every_file(portable, fake_hub)
     assert repo["visibility"] == "private"
     local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert repo["files"] == local and "unet/unet.py" in local and "README.md" in local
+
+
+def test_a_portable_pipeline_loads_in_plain_diffusers_without_ldm_app_from_its_folder_and_the_hub(
+        portable, fake_hub, tmp_path):
+    folder, expected = portable
+    # the code files a Hub download fetches: the `_class_name` module (also diffusers' pipeline.py) and the
+    # custom component's module; no other .py file would arrive
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py")) == ["pipeline.py", "unet/unet.py"]
+    _, endpoint = fake_hub
+    push_to_hub(folder, "me/tiny-ldm", token="hf_fake_token")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_ENDPOINT": endpoint,
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    run = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS, str(folder), "me/tiny-ldm", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[:2] == ["diffusers_modules.local.pipeline", "diffusers_modules.local.unet"]
+    for source in ("folder", "hub"):
+        np.testing.assert_allclose(np.load(tmp_path / f"{source}.npy"), expected, atol=1e-5)
 
 
 @pytest.mark.usefixtures("fake_hub")
