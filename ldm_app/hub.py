@@ -51,7 +51,7 @@ def _usage(kind: Literal["pipeline", "lora"], where: str, portable: bool) -> str
         return ("```bash\nldm-app generate --model BASE_MODEL --lora " + where + ' "a prompt"\n```\n\n'
                 "```python\npipe.load_lora_weights(\"" + where + "\")  # on a pipeline of the base model\n```\n")
     text = "```bash\nldm-app generate --model " + where + ' "a prompt"\n```\n'
-    if portable:  # make_portable copied the code in: no ldm_app needed
+    if portable:  # make_portable wrote the code in: no ldm_app needed
         text += ("\nWithout ldm-app (needs torch, diffusers, transformers, peft):\n\n```python\n"
                  "from diffusers import DiffusionPipeline\n\n"
                  f"pipe = DiffusionPipeline.from_pretrained(\"{where}\", trust_remote_code=True)\n"
@@ -106,7 +106,8 @@ def write_model_card(
     if prompts:
         sections += ["Prompts:\n", "".join(f"- {p}\n" for p in prompts)]
     if config_dict:
-        config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
+        plain = json.loads(json.dumps(config_dict, default=str))  # tuples → lists, paths → strings: YAML-safe
+        config_yaml = yaml.safe_dump(plain, sort_keys=False)
         sections += ["## Training configuration\n", f"```yaml\n{config_yaml}```\n"]
     card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections)), CARD_TAGS[kind])
     with atomic_write(folder / "README.md") as tmp:

@@ -33,7 +33,8 @@ def portable(tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     PIL.Image.new("RGB", (16, 16), "red").save(tmp_path / "grid.png")
     share_export(tmp_path / "pipe", "pipeline", base_model=None, prompts=["a red cat"],
-                 sample_image_path=tmp_path / "grid.png", config_dict={"train": {"steps": 10}})
+                 sample_image_path=tmp_path / "grid.png",
+                 config_dict={"train": {"steps": 10, "output_dir": tmp_path}, "unet": {"channels": (32, 64)}})
     return tmp_path / "pipe", _image(pipe)
 
 
@@ -45,7 +46,8 @@ def test_a_pipeline_card_has_the_header_diffusers_training_scripts_write(portabl
     assert card.data.widget == [{"text": "a red cat", "output": {"url": "samples.png"}}]
     assert (folder / "samples.png").is_file() and "![samples](samples.png)" in card.text
     assert "trust_remote_code=True" in card.text  # the folder is portable, so the card says how to load it
-    assert "steps: 10" in card.text and card.data.base_model is None  # trained from scratch
+    assert "steps: 10" in card.text and "- 32\n" in card.text  # the config, tuples and paths included
+    assert card.data.base_model is None  # trained from scratch
 
 
 def test_a_lora_card_names_its_hub_base_model_and_instance_prompt(tmp_path):
