@@ -144,6 +144,8 @@ def _unbundled(source: str, package: str) -> str:
     for node in sorted(ast.walk(ast.parse(source)), key=lambda n: -getattr(n, "lineno", 0)):
         if not isinstance(node, ast.ImportFrom) or not (node.level == 1 or node.module == "__future__"):
             continue
+        if node.module is None:
+            raise ValueError(f"Cannot bundle `from . import {node.names[0].name}`; import from the module by name.")
         indent = " " * node.col_offset
         if node.module == "__future__":
             replacement = []
@@ -186,7 +188,7 @@ def make_portable(folder: str | os.PathLike) -> Path:
 
     Writes diffusers' custom-code layout: `pipeline.py` (ldm_app's pipeline module with the ldm_app modules it
     imports, `bundle_source`: a Hub download fetches only this one file of pipeline code) and `unet/unet.py`
-    (ldm_app's UNet module, self-contained already), and points model_index.json at them. ldm_app itself goes
+    (the UNet module, bundled the same way), and points model_index.json at them. ldm_app itself goes
     on loading its own classes (`native_index`). model_index.json is written last: an interrupted call leaves a
     folder that still loads in ldm_app.
     """
@@ -200,7 +202,7 @@ def make_portable(folder: str | os.PathLike) -> Path:
     for name, value in index.items():
         if isinstance(value, list) and value[1:] == ["LdmUNet"]:
             with atomic_write(folder / name / f"{UNET_MODULE}.py") as tmp:
-                shutil.copyfile(PACKAGE_DIR / "unet.py", tmp)
+                tmp.write_text(bundle_source(PACKAGE_DIR / "unet.py"), encoding="utf-8")
             index[name] = [UNET_MODULE, "LdmUNet"]
     index["_class_name"] = [PIPELINE_MODULE, "LdmPipeline"]
     with atomic_write(folder / "model_index.json") as tmp:
