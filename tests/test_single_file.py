@@ -118,8 +118,9 @@ def test_the_full_size_sd_v1_layout_is_detected_and_converts_to_the_shipped_conf
     assert state["model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 768)
     assert "model.diffusion_model.output_blocks.11.0.skip_connection.weight" in state  # keys every v1 file has
     assert checkpoint_family(state) == "v1"
-    assert convert_ldm_unet_checkpoint(state, full.unet.config).keys() == full.unet.state_dict().keys()
-    assert convert_ldm_vae_checkpoint(state, full.vae.config).keys() == full.vae.state_dict().keys()
+    for model, converted in ((full.unet, convert_ldm_unet_checkpoint(state, full.unet.config)),
+                             (full.vae, convert_ldm_vae_checkpoint(state, full.vae.config))):
+        assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
     unprefixed = {k.removeprefix("text_model.") for k in convert_ldm_clip_checkpoint(state)}
     expected = {k.removeprefix("text_model.") for k in full.text_encoder.state_dict()}
     assert unprefixed - {"embeddings.position_ids"} == expected - {"embeddings.position_ids"}  # a buffer or not
