@@ -7,6 +7,7 @@ written into the run folder so a run can be read back and resumed exactly.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import string
 import types
@@ -98,6 +99,10 @@ class TrainConfig:
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])  # one row of the grid each
     validation_steps: int = 25  # DDIM steps per validation image
     validation_guidance: float = 5.0  # classifier-free guidance scale of the validation images
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"  # where loss/lr/throughput go
+    push_to_hub: bool = False  # upload the export (pipeline folder or LoRA file, with its model card) when done
+    hub_model_id: str | None = None  # the Hub repo to push to, owner/name (needed with push_to_hub)
+    hub_private: bool = False  # create that repo private
 
 
 @dataclass
@@ -218,6 +223,11 @@ def validate_config(config: Config) -> None:
         raise ValueError("train.cache=true needs a finite dataset; set train.cache=false to stream.")
     if t.cache and not config.data.center_crop:
         raise ValueError("Random crops cannot be cached; set data.center_crop=true or train.cache=false.")
+    if t.push_to_hub and (not t.hub_model_id or t.hub_model_id.count("/") != 1):
+        raise ValueError("train.push_to_hub=true needs the repo to push to; set train.hub_model_id=owner/name.")
+    if t.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:  # accelerate would drop it
+        raise ValueError(f"train.report_to={t.report_to} needs wandb: pip install wandb (then wandb login), or set "
+                         "train.report_to=tensorboard.")
 
 
 # Range checks, run before any work so that a bad value never costs a cache build: (key, what the bound means).

@@ -7,6 +7,7 @@ trains LoRA adapters and draws a before/after grid. The base model on disk is ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 from .atomic import atomic_folder, atomic_write
 from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, TrainConfig, validate_config
 from .extras import require_extra
+from .hub import share_export
 from .images import IMAGE_EXTENSIONS, decode_image
 from .loading import DEFAULT_MODEL, load_pipeline, pick_device, pick_dtype
 from .lora import KOHYA_FILE, LORA_FILE
@@ -122,12 +124,13 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
                   rank: int = 8, alpha: float | None = None, steps: int = 400, learning_rate: float = 1e-3,
                   batch_size: int = 8, resolution: int | None = None, train_text_encoder: bool = False,
                   class_prompts: list[str] | tuple[str, ...] = (), num_class_images: int = 16, kohya: bool = False,
-                  mixed_precision: str = "no", seed: int = 0, resume: bool = False,
-                  note: Note = lambda msg: None) -> FinetuneResult:
+                  mixed_precision: str = "no", seed: int = 0, resume: bool = False, push_to_hub: str | None = None,
+                  private: bool = False, note: Note = lambda msg: None) -> FinetuneResult:
     """Fine-tune LoRA adapters on the photos in `photos_dir` into the run folder `output`.
 
     Captions come from same-named .txt files, metadata.jsonl, or `prompt`. `class_prompts` turn on DreamBooth
     prior preservation with `num_class_images` images of the base model. `resume` continues a run in `output`.
+    The folder gets a model card; `push_to_hub` (owner/name) uploads the LoRA files, card and grid.
     """
     require_extra("train")
     from .trainer import TrainingError, train
@@ -164,6 +167,8 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
         lora=LoraTrainConfig(rank=rank, alpha=alpha, kohya=kohya, train_text_encoder=train_text_encoder),
     )
     validate_config(config)  # every setting checked before photos are staged
+    if push_to_hub is not None and push_to_hub.count("/") != 1:
+        raise ValueError(f"--push-to-hub {push_to_hub}: name the repo as owner/name.")
 
     # 2. Stage the photos (and class images) as captioned RGB PNGs in the run folder; the folder appears whole
     # or not at all, so an interrupted run never resumes on part of the photos
@@ -188,4 +193,6 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
     grid = output / "before_after.png"
     sample_prompt = prompt or (data_dir / "instance-0000.txt").read_text(encoding="utf-8")
     before_after_grid(model, output, sample_prompt, grid)
+    share_export(output, "lora", model, [sample_prompt], grid, dataclasses.asdict(config), push_to=push_to_hub,
+                 private=private, allow_patterns=[LORA_FILE, KOHYA_FILE])
     return FinetuneResult(lora_file, output / KOHYA_FILE if kohya else None, output / "config.yaml", grid)

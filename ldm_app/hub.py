@@ -27,6 +27,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .atomic import atomic_write
+from .loading import looks_local
 
 PACKAGE_DIR = Path(__file__).parent
 PIPELINE_MODULE = "pipeline"  # pipeline.py in the folder: model_index.json's `_class_name` names it
@@ -40,9 +41,7 @@ CARD_TAGS = {"pipeline": ["text-to-image", "diffusers", "diffusers-training", "l
 
 def _hub_id(name: str | None) -> str | None:
     """`name` if it can be a Hub repo id (the Hub rejects a card whose base_model is a local path), else None."""
-    if not name or Path(name).expanduser().exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        return None
-    return name
+    return None if not name or looks_local(name) else name
 
 
 def _usage(kind: Literal["pipeline", "lora"], where: str, portable: bool) -> str:

@@ -60,14 +60,16 @@ def model_record(model: str) -> str:
     return str(path.resolve()) if model != DEFAULT_MODEL and path.exists() else model
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> LdmPipeline:
-    """The embedded default model or a pipeline folder / hub id, on `device` in `dtype`."""
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant: str | None = None) -> LdmPipeline:
+    """The embedded default model, a pipeline folder (its `variant` weights, e.g. fp16), a single-file SD-1.x
+    checkpoint or a hub id, on `device` in `dtype`."""
     import torch
     from diffusers.utils import logging as dlogging
     from safetensors import SafetensorError
     from transformers.utils import logging as tlogging
 
-    from .pipeline import LdmPipeline, cast_quietly
+    from .pipeline import cast_quietly
+    from .single_file import load_model
 
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
@@ -76,8 +78,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> LdmPi
         raise ValueError(f"Model folder {model} does not exist; pass a pipeline folder or a hub id "
                          "(or leave --model out for the default model).")
     try:
-        pipe = LdmPipeline.from_default() if model == DEFAULT_MODEL else \
-            LdmPipeline.from_pretrained(str(path) if path.exists() else model)
+        pipe = load_model(str(path) if path.exists() else model, variant=variant)
         missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                    if getattr(pipe, name, None) is None]
         if missing:
@@ -87,6 +88,8 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> LdmPi
                              "tokenizer_config.json)")
     except (OSError, ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if path.is_file():  # the single-file loader's errors already say what is supported
+            raise ValueError(f"Cannot load model {model!r}: {reason[:300]}") from None
         raise ValueError(f"Cannot load model {model!r}: {reason[:300].rstrip('.')}. Check that it is a complete "
                          "pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from None
     pipe = pipe.to(device)

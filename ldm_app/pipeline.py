@@ -85,6 +85,22 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return pipe
 
     @classmethod
+    def from_single_file(cls, path: str | os.PathLike, **kwargs: Any) -> "LdmPipeline":
+        """An SD-1.x single-file checkpoint (A1111/ComfyUI .safetensors), offline: see ldm_app.single_file."""
+        from .single_file import from_single_file  # single_file imports this module
+
+        return from_single_file(path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """model_index.json; a portable folder's entries for its code copies (ldm_app.hub.make_portable, for plain
+        diffusers) are swapped for ldm_app's own classes."""
+        from .hub import native_index  # hub imports lora/atomic only
+
+        config = super().load_config(*args, **kwargs)
+        return (native_index(config[0]), *config[1:]) if isinstance(config, tuple) else native_index(config)
+
+    @classmethod
     def from_default(cls, **kwargs: Any) -> "LdmPipeline":
         """The embedded default model that ships inside the package: offline, CPU-sized."""
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():

@@ -29,11 +29,15 @@ from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_fold
 from .components import UNet, load_unet
 from .config import Config, TrainConfig, save_config, validate_config
 from .encoders import Encoders, pipeline_subfolder
-from .lora import LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .hub import push_to_hub, share_export
+from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from .objective import DenoisingLoss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
 from .unet import LdmUNet
 
+
+# train.report_to → accelerate's log_with (accelerate's own "all" means every tracker that happens to be installed)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard", "wandb"], "none": None}
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
@@ -52,7 +56,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
     # 1. Set up accelerate (devices, mixed precision, gradient accumulation, trackers) and the run folder
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps, log_with="tensorboard",
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with=TRACKERS[config.train.report_to],
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     # the saved config says which precision ran, also when it came from `accelerate launch`
     config = dataclasses.replace(config, train=dataclasses.replace(
@@ -109,7 +114,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         if ema is not None:  # after load_state: it loads the EMA weights onto the CPU
             ema.to(accelerator.device)
         if accelerator.is_main_process:
-            accelerator.init_trackers("ldm")
+            accelerator.init_trackers("ldm", config=flat_config(config))
 
         # 6. Training loop
         start_time, done_at_start = time.time(), step
@@ -165,8 +170,13 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
             pipe = make_pipeline(accelerator, trained, ema, encoders, config)
             if config.lora.rank:
                 save_lora(pipe.unet, pipe.text_encoder if train_text else None, out, config.lora.kohya)
+                share_export(out, "lora", config.model.pretrained_unet, t.validation_prompts,
+                             config_dict=dataclasses.asdict(config), push_to=hub_repo(t), private=t.hub_private,
+                             allow_patterns=[LORA_FILE, KOHYA_FILE])
             else:
-                export_pipeline(pipe, out / "pipeline", step)
+                export_pipeline(pipe, out / "pipeline", step, config)
+                if t.push_to_hub:
+                    push_to_hub(out / "pipeline", t.hub_model_id, private=t.hub_private)
         accelerator.wait_for_everyone()
         accelerator.end_training()
     return out / LORA_FILE if config.lora.rank else out / "pipeline"
@@ -223,12 +233,31 @@ def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
         make_image_grid(images, rows=len(t.validation_seeds), cols=len(t.validation_prompts)).save(tmp)
 
 
-def export_pipeline(pipe: LdmPipeline, folder: Path, step: int) -> None:
+def export_pipeline(pipe: LdmPipeline, folder: Path, step: int, config: Config | None = None) -> None:
     """Write the pipeline folder with the step it holds, so that a crash at any point leaves a complete one:
-    the new folder is written beside it, the old one renamed aside (`.old`), the new one renamed in."""
+    the new folder is written beside it, the old one renamed aside (`.old`), the new one renamed in. With the
+    run's `config` it is made ready to share: loadable by plain diffusers, with a model card."""
     with atomic_folder(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training_step.json").write_text(json.dumps({"step": step}))
+        if config is not None:
+            grids = sorted((folder.parent / "samples").glob("step-*.png"))
+            share_export(tmp, "pipeline", config.model.pretrained_unet, config.train.validation_prompts,
+                         grids[-1] if grids else None, dataclasses.asdict(config))
+
+
+def hub_repo(t: TrainConfig) -> str | None:
+    return t.hub_model_id if t.push_to_hub else None
+
+
+def flat_config(config: Config) -> dict[str, bool | int | float | str]:
+    """The run's settings as `section.key` scalars, as trackers take hyperparameters (TensorBoard's hparams
+    accept no None, lists or dicts: those become their text)."""
+    flat = {}
+    for section, values in dataclasses.asdict(config).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
 
 
 def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema: EMAModel | None,

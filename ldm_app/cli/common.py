@@ -54,8 +54,13 @@ class OneLineErrors(click.Group):
             sys.exit(1)
 
 
-def model_option(help: str = "Pipeline folder or hub id ('default' = the embedded model).") -> Callable:
+def model_option(help: str = "Pipeline folder, single-file SD-1.x .safetensors, hub id, or 'default' (the embedded "
+                              "model).") -> Callable:
     return click.option("--model", default=DEFAULT_MODEL, help=help)
+
+
+variant_option = click.option("--variant", default=None, metavar="NAME",
+                              help="Load a pipeline folder's *.NAME.safetensors weights, e.g. fp16.")
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",

@@ -43,11 +43,15 @@ Examples:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("lora-output"))
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Seed of the weights, data order and noise.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("--push-to-hub", "push_to_hub", metavar="OWNER/NAME", default=None,
+              help="Upload the LoRA, its model card and the before/after grid to this Hub repo (token: HF_TOKEN).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @quiet_option()
 def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, alpha: float | None, steps: int,
                   lr: float, batch_size: int, resolution: int | None, train_text_encoder: bool,
                   prior_preservation: bool, class_prompts: tuple[str, ...], num_class_images: int, fmt: str,
-                  mixed_precision: str, output: Path, seed: int, resume: bool, quiet: bool) -> None:
+                  mixed_precision: str, output: Path, seed: int, resume: bool, push_to_hub: str | None, private: bool,
+                  quiet: bool) -> None:
     """Fine-tune LoRA adapters on the photos in PHOTOS_DIR; the base model on disk is never modified."""
     from ..finetune import finetune_lora as run
 
@@ -57,7 +61,7 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
                  learning_rate=lr, batch_size=batch_size, resolution=resolution,
                  train_text_encoder=train_text_encoder, class_prompts=class_prompts if prior_preservation else (),
                  num_class_images=num_class_images, kohya=fmt == "kohya", mixed_precision=mixed_precision, seed=seed,
-                 resume=resume, note=notes(quiet))
+                 resume=resume, push_to_hub=push_to_hub, private=private, note=notes(quiet))
     for path in (result.lora_file, result.kohya_file, result.config_file, result.grid):
         if path is not None:
             click.echo(str(path))

@@ -16,7 +16,8 @@ import click
 
 from ..loading import DEFAULT_MODEL
 from ..samplers import SAMPLERS
-from .common import UserError, device_option, dtype_option, finite, model_option, notes, quiet_option, utf8_text
+from .common import (UserError, device_option, dtype_option, finite, model_option, notes,
+                     quiet_option, utf8_text, variant_option)
 
 if TYPE_CHECKING:
     from ..pipeline import LdmPipeline
@@ -56,6 +57,7 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.command(epilog=GENERATE_EXAMPLES)
 @click.argument("prompt", required=False, callback=utf8_text)
 @model_option()
+@variant_option
 @click.option("--negative-prompt", default="", callback=utf8_text, help="What to steer away from (replaces the empty prompt in CFG).")
 @click.option("--steps", type=click.IntRange(min=1), default=25, help="Denoising steps.")
 @click.option("--guidance", type=click.FloatRange(min=0), default=5.0, callback=finite, help="Classifier-free guidance scale w (1 = off).")
@@ -76,8 +78,8 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA file or folder, optionally with a scale (repeatable).")
 @quiet_option("No progress bar or notes; only the written paths.")
-def generate(prompt: str | None, model: str, negative_prompt: str, steps: int, guidance: float, eta: float,
-             sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
+def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
+             eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, loras: tuple[str, ...],
              quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written."""
@@ -110,7 +112,7 @@ def generate(prompt: str | None, model: str, negative_prompt: str, steps: int, g
         dev = pick_device(device)
         weights_dtype = pick_dtype(dtype, dev)
         dtype = dtype_name(weights_dtype)  # as resolved, for the PNG
-        pipe = load_pipeline(model, dev, weights_dtype)
+        pipe = load_pipeline(model, dev, weights_dtype, variant)
         pipe.set_progress_bar_config(disable=quiet, leave=False)
         height = pipe.default_size if height is None else height
         width = pipe.default_size if width is None else width

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import model_option
+from .common import model_option, variant_option
 
 INFO_EXAMPLES = """
 
@@ -17,13 +17,14 @@ Examples:
 
 @click.command(epilog=INFO_EXAMPLES)
 @model_option()
-def info(model: str) -> None:
+@variant_option
+def info(model: str, variant: str | None) -> None:
     """Show a model's components, parameter counts, scheduler and native size."""
     import torch
 
     from ..loading import load_pipeline
 
-    pipe = load_pipeline(model, torch.device("cpu"), torch.float32)
+    pipe = load_pipeline(model, torch.device("cpu"), torch.float32, variant)
     click.echo(f"model: {model}")
     for name in ("unet", "vae", "text_encoder"):
         module = getattr(pipe, name)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import click
 
 from ..loading import DEFAULT_MODEL
-from .common import UserError, device_option, finite, model_option, notes, quiet_option, utf8_text
+from .common import (UserError, device_option, finite, model_option, notes,
+                     quiet_option, utf8_text, variant_option)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -94,6 +95,7 @@ def run_inversion(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method
               help="Guidance scale w that reconstruction and edits sample with.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
 @model_option()
+@variant_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("inversion.safetensors"),
               help="Where the inversion goes (for ldm-app edit --inversion).")
 @click.option("--reconstruction", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -102,8 +104,8 @@ def run_inversion(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method
 @device_option
 @quiet_option()
 def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: float | None, inner_steps: int,
-                   model: str, output: Path, reconstruction: Path | None, overwrite: bool, device: str,
-                   quiet: bool) -> None:
+                   model: str, variant: str | None, output: Path, reconstruction: Path | None, overwrite: bool,
+                   device: str, quiet: bool) -> None:
     """Invert IMAGE into the model's noise x_T, save it, and print how well it reconstructs (PSNR)."""
     import torch
 
@@ -116,7 +118,7 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
     picture = read_image(image)
     check_output(output, overwrite)
     check_output(reconstruction, overwrite)
-    pipe = load_pipeline(model, pick_device(device), torch.float32)  # fp32: inversion amplifies rounding
+    pipe = load_pipeline(model, pick_device(device), torch.float32, variant)  # fp32: inversion amplifies rounding
     pipe.set_progress_bar_config(disable=quiet, leave=False)
 
     # 2. Invert, then write the inversion and the reconstruction
@@ -154,6 +156,7 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
 @model_option("Pipeline folder or hub id ('default' = the embedded model; with --inversion: the one it was made "
               "with).")
+@variant_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("edited.png"),
               help="The edited image (PNG).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
@@ -162,8 +165,8 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
 @click.pass_context
 def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | None, target_prompt: str,
                  inversion_file: Path | None, method: str, cross_attention_steps: float, self_attention_steps: float,
-                 steps: int, guidance: float | None, inner_steps: int, model: str, output: Path, overwrite: bool,
-                 device: str, quiet: bool) -> None:
+                 steps: int, guidance: float | None, inner_steps: int, model: str, variant: str | None, output: Path,
+                 overwrite: bool, device: str, quiet: bool) -> None:
     """Edit IMAGE (or a saved inversion) by regenerating it with --target-prompt, keeping its layout."""
     import torch
 
@@ -196,7 +199,7 @@ def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | No
     else:
         picture = read_image(image)
     check_output(output, overwrite)
-    pipe = load_pipeline(model, pick_device(device), torch.float32)
+    pipe = load_pipeline(model, pick_device(device), torch.float32, variant)
     pipe.set_progress_bar_config(disable=quiet, leave=False)
 
     # 2. Invert (unless loaded), then sample with the target prompt
