@@ -169,12 +169,16 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (1 = no guidance, 5 is typical).")
 
+    @property
+    def is_inpainting_unet(self) -> bool:
+        """Whether the UNet takes the mask and the masked image's latents next to the latents (SD-inpainting's 9)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
     def check_image_inputs(self, image: ImageInput | None, mask_image: ImageInput | None, strength: float | None,
                            mask_feather: int | None) -> float | None:
         """Reject image-to-image and inpainting arguments that cannot work; return the strength to use (diffusers'
         defaults: 0.8 for image-to-image, 1 for inpainting), or None for text-to-image."""
-        in_channels = self.unet.config.in_channels
-        inpainting_unet = in_channels == 2 * self.vae.config.latent_channels + 1  # latents + mask + masked image
+        in_channels, inpainting_unet = self.unet.config.in_channels, self.is_inpainting_unet
         if image is None:
             if mask_image is not None or strength is not None:
                 raise ValueError(f"{'mask_image' if mask_image is not None else 'strength'} needs an input image; "
@@ -421,7 +425,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         `guidance_scale` ≤ 1 samples from the conditional model alone; `eta` is DDIM's η (0 = deterministic
         DDIM, 1 ≈ DDPM ancestral sampling). `callback_on_step_end(pipe, step, t, tensors)` may return
-        replacement tensors (e.g. `{"latents": ...}`). `output_type="latent"` skips the VAE decode.
+        replacement tensors (e.g. `{"latents": ...}`). `output_type="latent"` skips the VAE decode. `latents`, if
+        given, is the starting noise ε (x_T = σ_init · ε, or the noise added to the input image).
 
         Image-to-image: `image` is noised to `strength` · T and denoised from there (the last
         int(num_inference_steps · strength) steps): 0 returns the input's VAE round trip, 1 ignores the input
@@ -461,7 +466,7 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 4. Starting latents: x_T ~ N(0, σ²_init I), or the input's latents noised to t_0 (diffusers' draw order:
         #    the posterior sample first, then the noise)
         from_image = image is not None and strength < 1.0
-        needs_image_latents = from_image or (mask is not None and self.unet.config.in_channels == 4)
+        needs_image_latents = from_image or (mask is not None and not self.is_inpainting_unet)
         image_latents = (self.prepare_image_latents(pixels, batch_size, num_images_per_prompt, generator)
                          if needs_image_latents else None)
         noise = self.prepare_noise(total, height, width, prompt_embeds.dtype, device, generator, latents)
@@ -478,7 +483,7 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if mask is not None:
             mask_latents = F.interpolate(mask.to(device), size=latents.shape[-2:])  # nearest, as diffusers
             mask_latents = _per_output(mask_latents, total, num_images_per_prompt).to(latents.dtype)
-            if self.unet.config.in_channels == 4:
+            if not self.is_inpainting_unet:
                 callbacks.append(LatentBlend(image_latents.to(latents.dtype), noise, mask_latents, timesteps,
                                              self.scheduler))
             else:
