@@ -3,7 +3,8 @@
     python benchmarks/img2img_tradeoff.py [--model DIR] [--data ~/ldm-runs/data/emoji64/test] [--num-images 16]
                                           [--steps 25] [--guidance 5] [--device cpu]
 
-Each held-out image is redrawn with a different image's caption as the target prompt (the next image's). Image-to-image, for strength 0 … 1: faithfulness (PSNR to the input) and text alignment, measured by the
+Each held-out image is redrawn with a different image's caption as the target prompt (the next image's).
+Image-to-image, for strength 0 … 1: faithfulness (PSNR to the input) and text alignment, measured by the
 independent evaluator CLIP (benchmarks/evaluator): its cosine similarity to the target prompt and to the input's
 own caption, and the share of images it finds closer to the target. Strength 1 is text-to-image of the target.
 Inpainting (the middle half of the image masked, strength 1): the same measures on the masked region (cropped
@@ -32,16 +33,19 @@ STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def load_images(folder: Path, count: int) -> tuple[list[PIL.Image.Image], list[str]]:
-    """`count` decodable images spread evenly over the folder (by file name, so every category shows up), and
-    their captions."""
+    """`count` decodable images with distinct captions, one from each of `count` even stretches of the folder (by
+    file name: every category and both art styles show up), and their captions."""
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
     rows.sort(key=lambda r: r["file_name"])
+    stretch = max(1, len(rows) // count)
     images, captions = [], []
-    for row in rows[::max(1, len(rows) // count)]:
-        image = decode_image({"path": str(folder / row["file_name"]), "bytes": None})
-        if image is not None and len(images) < count:
-            images.append(image)
-            captions.append(row["text"])
+    for start in range(0, stretch * count, stretch):
+        for row in rows[start:start + stretch]:  # the stretch's first new caption (the same emoji's other art: next)
+            image = decode_image({"path": str(folder / row["file_name"]), "bytes": None})
+            if image is not None and row["text"] not in captions:
+                images.append(image)
+                captions.append(row["text"])
+                break
     return images, captions
 
 
@@ -84,19 +88,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    # Setup: model, images, target prompts, evaluator
-    try:
-        pipe = LdmPipeline.from_pretrained(args.model) if args.model else LdmPipeline.from_default()
-    except ValueError as err:
-        parser.error(f"{err} (pass --model DIR)")
-    pipe = pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    # Setup: images, target prompts, model, evaluator
     if not (args.data / "metadata.jsonl").is_file():
-        parser.error(f"{args.data} has no metadata.jsonl; pass --data with an imagefolder of held-out images.")
+        parser.error(f"{args.data} has no metadata.jsonl; pass --data with an imagefolder of held-out images "
+                     "(python training/default_model/build_emoji_dataset.py writes the emoji set).")
     images, sources = load_images(args.data, args.num_images)
+    pipe = (LdmPipeline.from_pretrained(args.model) if args.model else LdmPipeline.from_default()).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
     n, size = len(images), pipe.default_size
-    # the target: the next image's caption that differs (each emoji may appear in both the Noto and Twemoji art)
-    targets = [next((c for c in sources[i + 1:] + sources[:i] if c != sources[i]), sources[i]) for i in range(n)]
+    targets = sources[1:] + sources[:1]  # the next image's caption: another emoji
     score = Scorer(args.evaluator, targets, sources)
     inputs = pipe.image_processor.preprocess(images, size, size, resize_mode="crop") / 2 + 0.5  # (N, 3, S, S), [0, 1]
 

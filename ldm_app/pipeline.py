@@ -301,8 +301,9 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                           width: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """Input image(s) → (N, 3, H, W) in [-1, 1]; mask(s) → (N, 1, H, W), 1 = repaint; the first input's (W, H).
 
-        EXIF orientation is applied and transparency composited on white (`ldm_app.images.decode_image`); an input
-        of another size or shape is resized to cover height × width and center-cropped, its mask the same way.
+        EXIF orientation is applied and an image's transparency composited on white (`ldm_app.images.decode_image`);
+        a mask's alpha channel is ignored. An input of another size or shape is resized to cover height × width and
+        center-cropped, its mask the same way.
         """
         images = self._as_images(image, "image")
         pixels = self.image_processor.preprocess(images, height, width, resize_mode="crop")
@@ -329,6 +330,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 sorted({type(v).__name__ for v in values}) or ["nothing"])
             raise ValueError(f"{name} must be a PIL image or a list of them, got {kind}; read a file with "
                              "ldm_app.images.read_image.")
+        if name == "mask_image":  # a mask's alpha is ignored, as diffusers and A1111 do: strokes on transparent black
+            values = [v.convert("RGBA").convert("RGB") if _has_alpha(v) else v for v in values]
         images = [decode_image(v) for v in values]
         if any(im is None for im in images):
             raise ValueError(f"{name} cannot be decoded; pass a readable image (PNG, JPEG, WebP, ...).")
@@ -375,6 +378,9 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         scheduler = self.scheduler if scheduler is None else scheduler
         do_cfg = guidance_scale > 1.0
+        if do_cfg and negative_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} guides against negative_prompt_embeds; pass them (the "
+                             "empty prompt's for plain classifier-free guidance), or use guidance_scale=1.")
         if do_cfg and extra_channels is not None:
             extra_channels = torch.cat([extra_channels] * 2)
         with self.progress_bar(total=len(timesteps)) as progress:
@@ -491,7 +497,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                                     generator)
                 extra_channels = torch.cat([mask_latents, masked.to(latents.dtype)], dim=1)  # (B, 1 + C, h, w)
         if callback_on_step_end is not None:
-            callbacks.append(functools.partial(_selected, callback_on_step_end, tuple(callback_on_step_end_tensor_inputs)))
+            names = tuple(callback_on_step_end_tensor_inputs)
+            callbacks.append(functools.partial(_selected, callback_on_step_end, names))
 
         # 6. Denoising loop
         latents = self.denoise(latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
@@ -546,6 +553,10 @@ def feathered_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
     # border counts as masked); the mean over k = 0 … radius-1 is the ramp
     eroded = [-F.max_pool2d(-mask, 2 * k + 1, stride=1, padding=k) for k in range(radius)]
     return torch.stack(eroded).mean(0) if eroded else mask
+
+
+def _has_alpha(image: PIL.Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def _per_output(x: torch.Tensor, total: int, num_images_per_prompt: int) -> torch.Tensor:

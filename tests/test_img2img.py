@@ -181,6 +181,13 @@ def test_paste_back_keeps_unmasked_pixels_exact_and_repaints_the_mask(pipe, imag
     assert np.abs(unpasted[~inside] * 255 - original[~inside]).max() > 1  # without it, the VAE round trip shows
 
 
+def test_a_masks_alpha_is_ignored_so_strokes_on_a_transparent_layer_work(pipe, image):
+    strokes = PIL.Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # transparent black, white strokes: repaint the strokes
+    PIL.ImageDraw.Draw(strokes).rectangle((8, 8, 15, 15), fill=(255, 255, 255, 255))
+    _, mask, _ = pipe.preprocess_images(image, strokes, 32, 32)
+    assert mask.sum() == 64 and mask[0, 0, 8:16, 8:16].all()
+
+
 def test_feathered_mask_ramps_inside_and_is_zero_outside():
     mask = torch.zeros(1, 1, 12, 12)
     mask[..., 2:10, 0:10] = 1  # touches the left border
