@@ -20,10 +20,10 @@ from .common import (UserError, device_option, dtype_option, finite, model_optio
                      quiet_option, utf8_text, variant_option)
 
 if TYPE_CHECKING:
+    import PIL.Image
+
     from ..pipeline import LdmPipeline
     from ..png_metadata import GenerationParams
-
-MAX_SIZE = 4096
 
 GENERATE_EXAMPLES = """
 
@@ -75,13 +75,26 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @dtype_option
 @click.option("--from", "from_png", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
               callback=reuse_png, help="Reuse every parameter stored in a PNG made by ldm-app (other options override it).")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Start from this image (image-to-image, SDEdit); resized to cover --height × --width and "
+                   "center-cropped.")
+@click.option("--strength", type=click.FloatRange(0, 1), default=None,
+              help="With --image: the fraction of the schedule that redraws it (0 keeps it, 1 ignores it).  "
+                   "[default: 0.8, 1 with --mask]")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="With --image: inpaint where this mask is white; elsewhere the input is kept exactly.")
+@click.option("--no-paste-back", is_flag=True,
+              help="With --mask: keep the decoded pixels outside the mask instead of the input's own.")
+@click.option("--mask-feather", type=click.IntRange(min=0), default=None,
+              help="With --mask: pixels over which the paste-back fades in, inside the mask.  [default: the VAE factor]")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA file or folder, optionally with a scale (repeatable).")
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
-             output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, loras: tuple[str, ...],
-             quiet: bool) -> None:
+             output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
+             strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
+             loras: tuple[str, ...], quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written."""
     import torch
 
@@ -92,6 +105,10 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     # 1. Parameters (--from has already filled in the defaults)
     if prompt is None:
         raise UserError("No PROMPT given; pass a prompt, e.g. ldm-app generate \"a cat\" (or --from image.png).")
+    if image_path is None and (mask_path or strength is not None):
+        raise UserError(f"{'--mask' if mask_path else '--strength'} needs --image; pass the image to start from.")
+    image = read_input("--image", image_path) if image_path else None
+    mask = read_input("--mask", mask_path) if mask_path else None
     if seed is None:
         seed = random.randrange(2**31)
     note = notes(quiet)
@@ -116,9 +133,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         pipe.set_progress_bar_config(disable=quiet, leave=False)
         height = pipe.default_size if height is None else height
         width = pipe.default_size if width is None else width
-        check_size("height", height, pipe.vae_scale_factor)
-        check_size("width", width, pipe.vae_scale_factor)
-        check_steps(steps, pipe)
+        pipe.check_inputs(prompt, negative_prompt, height, width, steps, guidance)
         check_free_space(paths[0].parent, num_images + grid, width, height)
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
         apply_loras(pipe, loras)
@@ -130,8 +145,13 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-            images += pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=height, width=width,
-                           num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators).images
+            out = pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=height, width=width,
+                       num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators, image=image,
+                       mask_image=mask, strength=strength, paste_back=not no_paste_back, mask_feather=mask_feather)
+            images += out.images
+        if image is not None and out.input_size != (width, height):
+            w, h = out.input_size
+            note(f"note: the {w}x{h} input was resized and center-cropped to {width}x{height}")
 
         # 4. Write PNGs with their parameters
         params = GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed, width, height,
@@ -151,21 +171,26 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
             click.echo(str(grid_path))
 
 
-def check_steps(steps: int, pipe: LdmPipeline) -> None:
-    from ..samplers import max_inference_steps
+def read_input(option: str, path: str) -> PIL.Image.Image:
+    """An input image for --image, or the mask file as it is for --mask (the pipeline ignores a mask's alpha
+    rather than compositing it on white); one line naming the option when it cannot be read."""
+    import PIL.Image
 
-    limit = max_inference_steps(pipe.scheduler.config)
-    if steps > limit:
-        raise UserError(f"--steps {steps} is more than this model's noise schedule allows; use at most {limit} "
-                        "(25–50 is typical).")
+    from ..images import read_image
 
-
-def check_size(name: str, value: int, factor: int) -> None:
-    if value <= 0 or value % factor:
-        raise UserError(f"--{name} {value} is not a positive multiple of the VAE factor {factor}; "
-                        f"use e.g. {max(factor, value // factor * factor)}.")
-    if value > MAX_SIZE:
-        raise UserError(f"--{name} {value} is too large (max {MAX_SIZE}); this model's native size is smaller.")
+    try:
+        if option != "--mask":
+            return read_image(path)
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file; pass an image file (PNG, JPEG, WebP, ...).")
+        try:
+            mask = PIL.Image.open(path)
+            mask.load()
+            return mask
+        except (OSError, SyntaxError, PIL.Image.DecompressionBombError):
+            raise ValueError(f"{path} cannot be read as an image; pass a PNG, JPEG, WebP, ... file.") from None
+    except ValueError as err:
+        raise UserError(f"{option} {err}") from None
 
 
 def output_paths(output: str | None, count: int, overwrite: bool) -> list[Path]:
