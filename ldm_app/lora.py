@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -54,7 +55,9 @@ def attach(model: torch.nn.Module, config: LoraConfig, adapter_name: str = "defa
     if isinstance(model, ModelMixin):
         model.add_adapter(config, adapter_name)
         return
-    inject_adapter_in_model(config, model, adapter_name)
+    with warnings.catch_warnings():  # peft warns on a second adapter; several (one per --lora) are intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, model, adapter_name)
     model.peft_config = {**getattr(model, "peft_config", {}), adapter_name: config}
     model._hf_peft_config_loaded = True
 
