@@ -27,7 +27,7 @@ from typing import BinaryIO
 import safetensors.torch
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
-from diffusers import ModelMixin
+from diffusers import ModelMixin, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -40,6 +40,7 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
+PEFT_SECOND_ADAPTER = "Already found a `peft_config` attribute"  # peft's warning when a model gets a 2nd adapter
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: list[str]) -> None:
@@ -56,7 +57,7 @@ def attach(model: torch.nn.Module, config: LoraConfig, adapter_name: str = "defa
         model.add_adapter(config, adapter_name)
         return
     with warnings.catch_warnings():  # peft warns on a second adapter; several (one per --lora) are intended
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        warnings.filterwarnings("ignore", message=PEFT_SECOND_ADAPTER)
         inject_adapter_in_model(config, model, adapter_name)
     model.peft_config = {**getattr(model, "peft_config", {}), adapter_name: config}
     model._hf_peft_config_loaded = True
@@ -138,7 +139,7 @@ def kohya_base_problem(unet: torch.nn.Module) -> str | None:
     so no renaming could make its LoRA apply there. We still write the file (ldm-app loads it, and it is what
     the user asked for) and say so, rather than refuse after training.
     """
-    if type(unet).__name__ == "UNet2DConditionModel":
+    if isinstance(unet, UNet2DConditionModel):
         return None
     return (f"the kohya file is for an {type(unet).__name__} base, which A1111 and ComfyUI cannot load, so they "
             "cannot apply it (ldm-app can); fine-tune a Stable Diffusion 1.x model for a LoRA those tools use.")
@@ -150,7 +151,7 @@ def kohya_metadata(tensors: dict[str, torch.Tensor], unet: torch.nn.Module, rank
     the hashes cover the file as saved with only the `ss_*` keys, so later user metadata does not change them."""
     cross = getattr(unet.config, "cross_attention_dim", None)
     base = {1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(cross, "sd_v1")
-    if type(unet).__name__ != "UNet2DConditionModel":
+    if not isinstance(unet, UNet2DConditionModel):
         base = f"ldm_app_{type(unet).__name__}"  # honest: not a Stable Diffusion base (see kohya_base_problem)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
                 "ss_base_model_version": base, "ss_v2": str(base == "sd_v2")}
@@ -193,10 +194,11 @@ def lora_short_hash(path: str | os.PathLike) -> str | None:
     with open(path, "rb") as f:
         try:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        except (ValueError, UnicodeDecodeError, MemoryError, OverflowError):
+        except (ValueError, MemoryError, OverflowError):  # not a safetensors file: no hash to show
             return None
-        stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
-        return (stored or addnet_hash(f))[:12]
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        stored = metadata.get("sshs_model_hash") if isinstance(metadata, dict) else None
+        return (stored if isinstance(stored, str) and stored else addnet_hash(f))[:12]
 
 
 def to_kohya(state: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
@@ -298,20 +300,23 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def no_text_encoder_notice(active: bool = True) -> Iterator[None]:
-    """While `active`, hide diffusers' "No LoRA keys associated to CLIPTextModel found" as it loads the UNet part
-    of a state dict whose text-encoder part (if any) `load_text_encoder_lora` has already applied: there the
-    notice is false (the keys were applied) or empty (the file has none). Hub ids are left to diffusers."""
+def quiet_lora_loading(text_encoder_applied: bool = True) -> Iterator[None]:
+    """Hide two false notices while diffusers loads LoRA adapters: peft's warning on a second adapter (several,
+    one per --lora, are intended) and, when `text_encoder_applied`, "No LoRA keys associated to CLIPTextModel
+    found" for a state dict whose text-encoder part (if any) `load_text_encoder_lora` has already applied: there
+    it is false (the keys were applied) or empty (the file has none). Hub ids are left to diffusers."""
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return not record.getMessage().startswith("No LoRA keys associated to")
 
     source = logging.getLogger("diffusers.loaders.lora_base")
     drop = _Drop()
-    if active:
+    if text_encoder_applied:
         source.addFilter(drop)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PEFT_SECOND_ADAPTER)
+            yield
     finally:
         source.removeFilter(drop)
 
