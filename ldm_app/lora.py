@@ -13,6 +13,7 @@ error that names it. A1111's prompt syntax `<lora:name:weight>` is parsed here (
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -187,10 +188,16 @@ def _stream(data: bytes | BinaryIO) -> BinaryIO:
 
 def lora_short_hash(path: str | os.PathLike) -> str | None:
     """The hash A1111 writes for a LoRA file in `Lora hashes` (sd-scripts' precomputed one when the file has it);
-    None for something that is not a local file (a hub id)."""
+    None for something that is not a local file (a hub id). Cached per file version: one hash per run, not per PNG."""
     path = lora_file_path(path)
     if not path.is_file():
         return None
+    stat = path.stat()
+    return _short_hash(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _short_hash(path: str, mtime_ns: int, size: int) -> str | None:
     with open(path, "rb") as f:
         try:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -349,8 +356,8 @@ def find_lora(name: str, lora_dir: str | os.PathLike) -> Path:
     root = Path(lora_dir).expanduser()
     if not root.is_dir():
         raise ValueError(f"LoRA folder {root} does not exist; pass --lora-dir with the folder that holds your LoRAs.")
-    found = sorted(p for p in root.rglob(f"{name}.safetensors") if p.is_file())
-    found += sorted(p for p in root.rglob(name) if (p / LORA_FILE).is_file())
+    found = sorted(p for p in root.rglob("*.safetensors") if p.stem == name and p.name != LORA_FILE and p.is_file())
+    found += sorted(p.parent for p in root.rglob(LORA_FILE) if p.parent.name == name)  # names may hold [ or *
     if not found:
         raise ValueError(f"<lora:{name}:…> matches no {name}.safetensors in {root}; check the name or --lora-dir.")
     if len(found) > 1:
