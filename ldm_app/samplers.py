@@ -1,19 +1,21 @@
 """Named samplers: diffusers schedulers built from the pipeline's own noise schedule, and their A1111 names.
 
-| ours           | A1111 (`Sampler`, `Schedule type`) | diffusers                                          |
-|----------------|------------------------------------|----------------------------------------------------|
-| `ddim`         | DDIM                               | DDIMScheduler                                      |
-| `ddpm`         | DDIM, with `Eta DDIM: 1`           | DDPMScheduler                                      |
-| `euler`        | Euler                              | EulerDiscreteScheduler                             |
-| `euler-karras` | Euler, Karras                      | EulerDiscreteScheduler(use_karras_sigmas=True)     |
-| `euler-a`      | Euler a                            | EulerAncestralDiscreteScheduler                    |
-| `heun`         | Heun                               | HeunDiscreteScheduler                              |
-| `heun-karras`  | Heun, Karras                       | HeunDiscreteScheduler(use_karras_sigmas=True)      |
-| `lms`          | LMS                                | LMSDiscreteScheduler                               |
-| `lms-karras`   | LMS, Karras (old name "LMS Karras")| LMSDiscreteScheduler(use_karras_sigmas=True)       |
-| `dpm++`        | DPM++ 2M                           | DPMSolverMultistepScheduler(dpmsolver++)           |
-| `dpm++-karras` | DPM++ 2M, Karras ("DPM++ 2M Karras")| DPMSolverMultistepScheduler(dpmsolver++, Karras σ) |
-| `unipc`        | UniPC                              | UniPCMultistepScheduler                            |
+| ours           | A1111 `Sampler` (+ `Schedule type`)   | diffusers                                                 |
+|----------------|---------------------------------------|-----------------------------------------------------------|
+| `ddim`         | DDIM                                  | DDIMScheduler                                             |
+| `ddpm`         | DDIM, written with `Eta DDIM: 1`      | DDPMScheduler                                             |
+| `euler`        | Euler                                 | EulerDiscreteScheduler                                    |
+| `euler-karras` | Euler + Karras                        | EulerDiscreteScheduler(use_karras_sigmas=True)            |
+| `euler-a`      | Euler a                               | EulerAncestralDiscreteScheduler                           |
+| `heun`         | Heun                                  | HeunDiscreteScheduler                                     |
+| `heun-karras`  | Heun + Karras                         | HeunDiscreteScheduler(use_karras_sigmas=True)             |
+| `lms`          | LMS                                   | LMSDiscreteScheduler                                      |
+| `lms-karras`   | LMS + Karras ("LMS Karras")           | LMSDiscreteScheduler(use_karras_sigmas=True)              |
+| `dpm++`        | DPM++ 2M                              | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++") |
+| `dpm++-karras` | DPM++ 2M + Karras ("DPM++ 2M Karras") | the same with use_karras_sigmas=True                      |
+| `unipc`        | UniPC                                 | UniPCMultistepScheduler                                   |
+
+Old A1111 (before 1.9) wrote Karras into the name ("DPM++ 2M Karras"); both spellings read.
 
 A1111 has no DDPM sampler. DDIM at η = 1 is DDPM's ancestral sampler (Song et al. 2021, §4.1: the
 generative process becomes Markovian with DDPM's posterior variance), so `ddpm` is written as DDIM with
@@ -42,12 +44,12 @@ class Sampler(NamedTuple):
 SAMPLERS: dict[str, Sampler] = {  # keyed by the CLI's names
     "ddim": Sampler(DDIMScheduler, {}, "DDIM"),  # Song et al. 2021; η = 0 deterministic
     "ddpm": Sampler(DDPMScheduler, {}, "DDIM"),  # Ho et al. 2020, Algorithm 2 (= DDIM at η = 1, see above)
-    "euler": Sampler(EulerDiscreteScheduler, {}, "Euler"),  # Karras et al. 2022, Algorithm 2 without churn
+    "euler": Sampler(EulerDiscreteScheduler, {}, "Euler"),  # Karras et al. 2022, Algorithm 1 without step 2
     "euler-karras": Sampler(EulerDiscreteScheduler, KARRAS, "Euler", karras=True),
     "euler-a": Sampler(EulerAncestralDiscreteScheduler, {}, "Euler a"),  # Euler plus fresh noise each step
     "heun": Sampler(HeunDiscreteScheduler, {}, "Heun"),  # Karras et al. 2022, Algorithm 1 (2 UNet calls a step)
     "heun-karras": Sampler(HeunDiscreteScheduler, KARRAS, "Heun", karras=True),
-    "lms": Sampler(LMSDiscreteScheduler, {}, "LMS"),  # linear multistep, Crowson's k-diffusion
+    "lms": Sampler(LMSDiscreteScheduler, {}, "LMS"),  # linear multistep on σ (k-diffusion's sample_lms)
     "lms-karras": Sampler(LMSDiscreteScheduler, KARRAS, "LMS", karras=True),
     "dpm++": Sampler(DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),  # Lu et al. 2022
     "dpm++-karras": Sampler(DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", **KARRAS}, "DPM++ 2M",

@@ -5,7 +5,7 @@ from diffusers import StableDiffusionPipeline
 
 from ldm_app import LdmPipeline
 from ldm_app.samplers import SAMPLERS, make_scheduler, sampler_from_a1111
-from ldm_app.testing import tiny_components
+from ldm_app.testing import tiny_components, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,19 @@ def test_every_sampler_reads_back_from_its_a1111_name():
 def test_unknown_sampler_is_a_value_error(components):
     with pytest.raises(ValueError, match="choose one of ddim, ddpm"):
         make_scheduler("plms", components["scheduler"].config)
+
+
+def test_ddpm_is_ddim_at_eta_one_until_the_last_step():
+    # why PNGs write ddpm as A1111's DDIM with Eta DDIM 1 (Song et al. 2021, §4.1): same draws, same steps
+    latents = {}
+    for name, eta in (("ddpm", 0.0), ("ddim", 1.0)):
+        pipe = tiny_pipeline()
+        pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+        steps = []
+        pipe("a cat", num_inference_steps=4, eta=eta, generator=torch.Generator().manual_seed(0), output_type="latent",
+             callback_on_step_end=lambda p, i, t, tensors: steps.append(tensors["latents"].clone()) or {})
+        latents[name] = steps
+    for ddpm, ddim in zip(latents["ddpm"][:-1], latents["ddim"][:-1]):
+        torch.testing.assert_close(ddpm, ddim, atol=1e-4, rtol=1e-4)
+    # the last step differs: DDPM ends at ᾱ = 1, DDIM at ᾱ_0 (set_alpha_to_one=False)
+    assert (latents["ddpm"][-1] - latents["ddim"][-1]).abs().max() > 1e-3
