@@ -306,18 +306,19 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+class _NoTextEncoderNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
 @contextlib.contextmanager
 def quiet_lora_loading(text_encoder_applied: bool = True) -> Iterator[None]:
     """Hide two false notices while diffusers loads LoRA adapters: peft's warning on a second adapter (several,
     one per --lora, are intended) and, when `text_encoder_applied`, "No LoRA keys associated to CLIPTextModel
     found" for a state dict whose text-encoder part (if any) `load_text_encoder_lora` has already applied: there
     it is false (the keys were applied) or empty (the file has none). Hub ids are left to diffusers."""
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not record.getMessage().startswith("No LoRA keys associated to")
-
     source = logging.getLogger("diffusers.loaders.lora_base")
-    drop = _Drop()
+    drop = _NoTextEncoderNotice()
     if text_encoder_applied:
         source.addFilter(drop)
     try:
