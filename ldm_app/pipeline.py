@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .images import decode_image
-from .lora import from_kohya, is_kohya, load_text_encoder_lora, read_lora_file
+from .lora import from_kohya, is_kohya, load_text_encoder_lora, quiet_lora_loading, read_lora_file
 from .samplers import max_inference_steps
 from .unet import LdmUNet
 
@@ -156,7 +156,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             source = {k: v for k, v in source.items() if not k.startswith(prefix)}
             if not source:
                 return
-        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+        with quiet_lora_loading(isinstance(source, dict)):  # a dict's text-encoder part was applied above
+            super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # Stages

@@ -39,19 +39,53 @@ Examples:
 
 
 def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--from: the PNG's parameters become the defaults of every other option (click's default_map), so that
-    what is given on the command line still wins and each stored value is checked like typed input.
+    """--from: the PNG's parameters (ldm-app's or A1111's) become the defaults of every other option (click's
+    default_map), so that what is given on the command line still wins and each stored value is checked like
+    typed input.
 
     A downloaded PNG must not choose what gets loaded: its model is reused only when it is the default model or a
     folder on this machine; a hub id or a missing folder is reported and the default model used instead."""
-    if value is not None:
-        stored = dataclasses.asdict(read_params_or_fail(value))
-        model = stored.get("model")
-        if not isinstance(model, str) or (model != DEFAULT_MODEL and not Path(model).expanduser().is_dir()):
-            ctx.meta["untrusted_model"] = model
-            stored.pop("model")
-        ctx.default_map = {**(ctx.default_map or {}), **stored}
+    if value is None:
+        return None
+    stored, ignored = read_params_or_fail(value)
+    defaults = dataclasses.asdict(stored)
+    model = defaults["model"]
+    if model != DEFAULT_MODEL and not Path(model).expanduser().is_dir():
+        ctx.meta["untrusted_model"] = defaults.pop("model")
+    # the recorded inputs are checked (there and unchanged) in the command, where --image/--mask may replace them
+    ctx.meta["recorded_inputs"] = {"image_path": defaults.pop("image_sha256"), "mask_path": defaults.pop("mask_sha256")}
+    defaults |= {"image_path": defaults.pop("image"), "mask_path": defaults.pop("mask"),
+                 "no_paste_back": not defaults.pop("paste_back")}
+    ctx.meta["ignored"], ctx.meta["from_png"] = ignored, value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def check_recorded_inputs(ctx: click.Context, png: str, note: Callable[[str], None]) -> None:
+    """--from with an image-to-image or inpainting PNG: its input files must still be there, unchanged."""
+    from ..images import file_sha256
+
+    for name, digest in ctx.meta.get("recorded_inputs", {}).items():
+        path, option = ctx.params[name], "--" + name.removesuffix("_path")
+        if path is None or ctx.get_parameter_source(name).name != "DEFAULT_MAP":
+            continue
+        if not Path(path).is_file():
+            raise UserError(f"{png} was made from {option} {path}, which is no longer there; pass {option} PATH.")
+        if digest is not None and file_sha256(path, len(digest)) != digest:
+            raise UserError(f"{png} was made from {option} {path}, which has changed since (sha256 {digest}…); pass "
+                            f"{option} PATH to use it anyway.")
+        note(f"note: reusing {option} {path} (unchanged)")
+
+
+def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None) -> tuple[str, tuple[str, ...]]:
+    """A1111's `<lora:name:weight>` tags out of the prompt, found in --lora-dir, added to --lora."""
+    from ..lora import find_lora, split_lora_tags
+
+    text, tags = split_lora_tags(prompt)
+    if tags and lora_dir is None:
+        raise UserError(f"The prompt names LoRAs in A1111's <lora:name:weight> syntax ({', '.join(n for n, _ in tags)})"
+                        "; pass --lora-dir with the folder that holds them.")
+    return text, (*loras, *(f"{find_lora(name, Path(lora_dir))}:{weight}" for name, weight in tags))
 
 
 @click.command(epilog=GENERATE_EXAMPLES)
@@ -74,7 +108,8 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @device_option
 @dtype_option
 @click.option("--from", "from_png", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
-              callback=reuse_png, help="Reuse every parameter stored in a PNG made by ldm-app (other options override it).")
+              callback=reuse_png, help="Reuse the parameters stored in a PNG made by ldm-app or A1111 (options given override "
+              "them).")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
               help="Start from this image (image-to-image, SDEdit); resized to cover --height × --width and "
                    "center-cropped.")
@@ -89,34 +124,46 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="With --mask: pixels over which the paste-back fades in, inside the mask.  [default: the VAE factor]")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA file or folder, optionally with a scale (repeatable).")
+@click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
-             loras: tuple[str, ...], quiet: bool) -> None:
+             loras: tuple[str, ...], lora_dir: str | None, quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written."""
     import torch
 
+    from ..images import file_sha256
     from ..loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
     from ..png_metadata import GenerationParams, save_png
     from ..samplers import make_scheduler
 
-    # 1. Parameters (--from has already filled in the defaults)
+    # 1. Parameters (--from has already filled in the defaults) and inputs, all checked before any work
+    ctx, note = click.get_current_context(), notes(quiet)
     if prompt is None:
         raise UserError("No PROMPT given; pass a prompt, e.g. ldm-app generate \"a cat\" (or --from image.png).")
     if image_path is None and (mask_path or strength is not None):
         raise UserError(f"{'--mask' if mask_path else '--strength'} needs --image; pass the image to start from.")
-    image = read_input("--image", image_path) if image_path else None
-    mask = read_input("--mask", mask_path) if mask_path else None
     if seed is None:
         seed = random.randrange(2**31)
-    note = notes(quiet)
     note(f"seed: {seed}")
-    stored_model = click.get_current_context().meta.get("untrusted_model")
-    if stored_model is not None and click.get_current_context().get_parameter_source("model").name == "DEFAULT":
+    stored_model = ctx.meta.get("untrusted_model")
+    if stored_model is not None and ctx.get_parameter_source("model").name == "DEFAULT":
         note(f"note: the PNG was made with {stored_model!r}, which is not a model folder on this machine; using "
              f"{model!r} (pass --model {stored_model} to load that one)")
+    if ctx.meta.get("ignored"):
+        note(f"note: not used from the PNG: {'; '.join(ctx.meta['ignored'])}")
+    check_recorded_inputs(ctx, ctx.meta.get("from_png"), note)
+    image = read_input("--image", image_path) if image_path else None
+    mask = read_input("--mask", mask_path) if mask_path else None
+    inputs = {"image": str(Path(image_path).resolve()) if image_path else None,
+              "image_sha256": file_sha256(image_path) if image_path else None,
+              "mask": str(Path(mask_path).resolve()) if mask_path else None,
+              "mask_sha256": file_sha256(mask_path) if mask_path else None,
+              "paste_back": not no_paste_back, "mask_feather": mask_feather}  # recorded in the PNG for --from
+    prompt, loras = resolve_lora_tags(prompt, loras, lora_dir)
     if not prompt.strip():
         note("note: empty prompt, drawing an unconditional sample")
 
@@ -155,7 +202,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
 
         # 4. Write PNGs with their parameters
         params = GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed, width, height,
-                                  model_record(model), dtype, list(loras))
+                                  model_record(model), dtype, list(loras), strength=out.strength, **inputs)
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, dataclasses.replace(params, seed=seed + i))
             click.echo(str(path))
@@ -268,12 +315,12 @@ def check_free_space(folder: Path, count: int, width: int, height: int) -> None:
                         f"{-(-need // 2**20)} MiB; free some space or choose another --output.")
 
 
-def read_params_or_fail(path: str) -> GenerationParams:
-    from ..png_metadata import read_params
+def read_params_or_fail(path: str) -> tuple[GenerationParams, list[str]]:
+    from ..png_metadata import read_png
 
     if not Path(path).is_file():
-        raise UserError(f"--from {path}: no such file; pass a PNG written by ldm-app generate.")
-    return read_params(path)
+        raise UserError(f"--from {path}: no such file; pass a PNG written by ldm-app generate or A1111.")
+    return read_png(path)
 
 
 def warn_if_truncated(pipe: LdmPipeline, prompt: str, note: Callable[[str], None]) -> None:
