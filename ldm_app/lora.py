@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write
 
-logger = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -125,7 +125,7 @@ def save_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, folde
     if kohya:
         problem = kohya_base_problem(unet)
         if problem:
-            logger.warning(f"warning: {problem}")
+            _log.warning(f"warning: {problem}")
         tensors = {k: v.half() for prefix, model in models.items()
                    for k, v in to_kohya(states[prefix], model.peft_config["default"].lora_alpha).items()}
         config = unet.peft_config["default"]
