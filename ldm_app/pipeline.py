@@ -188,11 +188,12 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                  f"{self.default_size}.")
         limit = max_inference_steps(self.scheduler.config)
         if not 1 <= num_inference_steps <= limit:
-            raise ValueError(f"num_inference_steps={num_inference_steps}: this model's noise schedule allows 1 to "
-                             f"{limit} steps; use at most {limit} (25–50 is typical).")
-        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(f"guidance_scale={guidance_scale}; use a finite number ≥ 0 (1 = no guidance, 5 is "
-                             "typical).")
+            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to {limit} steps (at most {limit}: "
+                             "this model's noise schedule has no more; use at most that, 25–50 is typical).")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale} is not a finite number; use e.g. 5 (1 = no guidance).")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (1 = no guidance, 5 is typical).")
 
     @property
     def is_inpainting_unet(self) -> bool:
