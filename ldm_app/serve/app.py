@@ -133,9 +133,12 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
         if e.get("type") == "json_invalid":
             problems.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'syntax error')}); "
                             "send a JSON object")
+        elif tuple(e.get("loc", ())) == ("body",):
+            problems.append("the body must be a JSON object of fields (sent with Content-Type: application/json)")
         else:
             problems.append(f"{where}: {e.get('msg', 'invalid')}{shown}")
-    param = ".".join(str(p) for p in err.errors()[0].get("loc", ())[1:]) if err.errors() else None
+    first = err.errors()[0] if err.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) if first.get("type") != "json_invalid" else None
     return error_response(request, 422, "; ".join(problems) + ".", param or None)
 
 
