@@ -149,23 +149,23 @@ def test_openai_generations_and_errors_in_openai_shape(client):
     assert r.status_code == 200, r.text
     assert len(r.json()["data"]) == 2 and decode(r.json()["data"][1]["b64_json"]).size == (32, 32)
     bad = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "big"})
-    assert bad.status_code == 422 and "WIDTHxHEIGHT" in bad.json()["error"]["message"]
+    assert bad.status_code == 400 and "WIDTHxHEIGHT" in bad.json()["error"]["message"]
     assert bad.json()["error"]["param"] == "size"
     url = client.post("/v1/images/generations", json={"prompt": "a cat", "response_format": "url"})
-    assert url.status_code == 422 and "b64_json" in url.json()["error"]["message"]
+    assert url.status_code == 400 and "b64_json" in url.json()["error"]["message"]
 
 
 def test_openai_edits_takes_multipart_and_checks_its_fields(client):
     image = base64.b64decode(png_b64())
     r = client.post("/v1/images/edits", files={"image": ("in.png", b"not a png", "image/png")},
                     data={"prompt": "a cat"})
-    assert r.status_code == 422 and "not an image" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not an image" in r.json()["error"]["message"]
     r = client.post("/v1/images/edits", files={"image": ("in.png", image, "image/png")}, data={"prompt": "x", "n": "two"})
-    assert r.status_code == 422 and "n='two'" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "n='two'" in r.json()["error"]["message"]
     r = client.post("/v1/images/edits", files={"image": ("in.png", image, "image/png"),
                                                "mask": ("m.png", base64.b64decode(png_b64((16, 16))), "image/png")},
                     data={"prompt": "x"})
-    assert r.status_code == 422 and "mask is 16x16" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "mask is 16x16" in r.json()["error"]["message"]
 
 
 def test_queue_full_is_a_503_with_retry_after():

@@ -107,8 +107,9 @@ async def wait_for(job: Job, queue: JobQueue, request: Request | None = None) ->
 
 def error_response(request: Request, status: int, message: str, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    """OpenAI's error shape under /v1/, A1111's (`error`, `detail`) elsewhere."""
+    """OpenAI's error shape under /v1/ (and its 400 for invalid fields), A1111's (`error`, `detail`) elsewhere."""
     if request.url.path.startswith("/v1/"):
+        status = 400 if status == 422 else status
         kind = "invalid_request_error" if status < 500 else "server_error"
         body: dict = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     else:
