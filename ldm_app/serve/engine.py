@@ -213,6 +213,21 @@ class Engine:
             start += r.n
         return out
 
+    def invert_and_edit(self, image: PIL.Image.Image, source_prompt: str, target_prompt: str, method: str,
+                        steps: int, guidance: float, cross_attention_steps: float) -> list[PIL.Image.Image]:
+        """Invert a real image with its prompt, then regenerate it with the target prompt (Prompt-to-Prompt):
+        [reconstruction, edit]. The image is resized and center-cropped to the model's size."""
+        from ..inversion import edit, invert, reconstruct
+
+        self.pipe.scheduler = make_scheduler("ddim", self._base_scheduler_config)  # inversion is DDIM's
+        if self.loras:
+            self.pipe.set_adapters(list(self.loras), [lora.scale for lora in self.loras.values()])
+        inversion = invert(self.pipe, image, source_prompt, method, steps, guidance,
+                           generator=torch.Generator().manual_seed(0))
+        edited = edit(self.pipe, inversion, target_prompt, cross_attention_steps=cross_attention_steps)
+        recon = inversion.reconstruction if inversion.reconstruction is not None else reconstruct(self.pipe, inversion)[0]
+        return [recon, edited[0]]
+
     def _configure(self, request: ImageRequest) -> None:
         """The request's sampler and LoRA scales on the shared pipeline (the worker thread owns it)."""
         if request.sampler not in self._schedulers:
