@@ -157,11 +157,12 @@ def options(http: Request) -> dict[str, Any]:
 
 @router.get("/progress")
 def progress(http: Request) -> dict[str, Any]:
-    """Progress of the running batch, per denoising step; `eta_relative` from the measured time per step."""
+    """Progress of the running batch, per denoising step; `eta_relative` (s) from the time per step so far."""
     snap = http.app.state.queue.snapshot()
     step, total = snap["step"], snap["total_steps"]
     fraction = step / total if total else 0.0
-    return {"progress": fraction, "eta_relative": 0.0,
+    eta = snap["running_seconds"] * (1 - fraction) / fraction if fraction else 0.0
+    return {"progress": fraction, "eta_relative": eta,
             "state": {"skipped": False, "interrupted": False, "job": "txt2img" if total else "",
                       "job_count": snap["running_jobs"] + snap["queue_length"], "job_timestamp": "",
                       "job_no": 0, "sampling_step": step, "sampling_steps": total},

@@ -199,9 +199,9 @@ class Engine:
                 if not self.supports_image_input:
                     raise NotImplementedError("This ldm-app's pipeline has no image-to-image or inpainting yet; "
                                               "update ldm-app, or use text-to-image.")
-                kwargs = {"image": first.image, "strength": first.strength}
+                kwargs = {"image": [first.image] * len(chunk), "strength": first.strength}
                 if first.mask is not None:
-                    kwargs["mask_image"] = first.mask
+                    kwargs["mask_image"] = [first.mask] * len(chunk)
             images += self.pipe(
                 [r.prompt for r, _ in chunk], negative_prompt=[r.negative_prompt for r, _ in chunk],
                 height=first.height, width=first.width, num_inference_steps=first.steps,

@@ -68,6 +68,7 @@ class JobQueue:
         self.metrics = Metrics()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
+        self._batch_started = 0.0
         self._lock = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -109,6 +110,7 @@ class JobQueue:
                 "running_jobs": len(running),
                 "step": running[0].step if running else 0,
                 "total_steps": running[0].total if running else 0,
+                "running_seconds": time.monotonic() - self._batch_started if running else 0.0,
                 "requests_total": m.requests,
                 "images_total": m.images,
                 "rejected_total": m.rejected,
@@ -133,9 +135,11 @@ class JobQueue:
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the running batch, fail what still waits, and end the worker."""
+        """Stop the running batch at its next step, fail what still waits, and end the worker."""
         with self._lock:
             self._stop = True
+            for job in self._running:
+                job.cancelled = True
             while self._waiting:
                 self._waiting.popleft().future.set_exception(RuntimeError("The server is shutting down."))
             self._lock.notify_all()
@@ -166,7 +170,7 @@ class JobQueue:
                     return
                 batch = self._next_batch()
                 self._running = batch
-            started = time.monotonic()
+                self._batch_started = started = time.monotonic()
             try:
                 if batch[0].task is not None:
                     results = [batch[0].task(self.engine)]
