@@ -24,13 +24,16 @@ def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), 
                limits: Limits | None = None, ui: bool = True) -> None:
     """Load the model and LoRAs, then serve until interrupted. Raises ValueError (before loading anything) for
     a non-loopback `host` without `api_key` unless `insecure`, and for bad settings."""
-    import uvicorn
+    check_bind(host, api_key, insecure)
+    try:
+        import uvicorn
 
-    from .app import create_app as _create_app
+        from .app import create_app as _create_app
+    except ImportError as err:
+        raise ValueError(f"ldm-app serve needs the web extra ({err.name} is missing): pip install \"ldm-app[web]\"") from None
     from .engine import Engine
 
-    check_bind(host, api_key, insecure)
-    settings = Settings(api_key=api_key, max_queue=max_queue, max_batch=max_batch, model_name=model, ui=ui,
+    settings = Settings(api_key=api_key, max_queue=max_queue, max_batch=max_batch, ui=ui,
                         limits=limits or Limits())
     engine = Engine.load(model, list(loras), lora_dir, device, dtype)
     app = _create_app(engine, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import Limits, run_server
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-dir", default=None, help="Folder of LoRAs requests may choose by name (scale 0 unless asked).")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind; anything but loopback needs --api-key.")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (UI: a login page).")
+    p.add_argument("--api-key", default=None,
+                   help="Require 'Authorization: Bearer KEY' (UI: a login page); or set LDM_APP_API_KEY.")
     p.add_argument("--insecure", action="store_true", help="Allow a non-loopback --host without --api-key.")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
                         max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars)
-        run_server(args.model, args.loras, args.host, args.port, args.api_key, args.insecure, args.device,
+        api_key = args.api_key or os.environ.get("LDM_APP_API_KEY")  # not a default: --help would print it
+        run_server(args.model, args.loras, args.host, args.port, api_key, args.insecure, args.device,
                    args.dtype, args.max_queue, args.max_batch, args.lora_dir, limits, not args.no_ui)
     except ValueError as err:
         sys.exit(f"error: {err}")

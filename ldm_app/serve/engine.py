@@ -87,7 +87,7 @@ class Engine:
     @classmethod
     def load(cls, model: str, loras: list[str], lora_dir: str | None, device: str, dtype: str) -> "Engine":
         """The model and LoRAs the server offers; requests choose among these and can name no other file."""
-        from ..cli import DTYPES, load_pipeline, parse_lora, pick_device, pick_dtype  # moving into the library
+        from ..cli import DTYPES, load_pipeline, model_record, parse_lora, pick_device, pick_dtype  # moving to the library
 
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
@@ -108,7 +108,7 @@ class Engine:
                 raise ValueError(f"Cannot load LoRA {path}: {str(err).strip().splitlines()[0][:300]}") from None
             loaded[name] = LoadedLora(str(Path(path).expanduser().resolve()), scale)
         dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-        return cls(pipe, model, dtype_name, loaded)
+        return cls(pipe, model_record(model), dtype_name, loaded)  # as --from will need it: absolute folders
 
     # ------------------------------------------------------------------------------------------------------
     # What requests may ask for

@@ -29,7 +29,6 @@ class Settings:
     api_key: str | None = None  # every request but /healthz needs `Authorization: Bearer KEY` when set
     max_queue: int = 32  # requests waiting for the model; one more gets 503 + Retry-After
     max_batch: int = 16  # images per pipeline call when compatible requests are batched
-    model_name: str = "default"  # what /sdapi/v1/sd-models and the PNG metadata call the model
     ui: bool = True  # mount the gradio UI at / (needs the `web` extra's gradio)
     limits: Limits = field(default_factory=Limits)
 
