@@ -6,7 +6,7 @@ p50/p95 latency and errors. The baseline is the same requests made by one `LdmPi
 per image in sequence; ratio = serving throughput / library throughput. Server and library get the same number
 of threads and never run at the same time.
 
-    python benchmarks/serve_load.py [--seconds 20] [--clients 1,4,16] [--steps 25] [--threads 2]
+    python benchmarks/serve_load.py [--seconds 20] [--clients 1,4,16] [--steps 25] [--threads 1]
 """
 
 from __future__ import annotations
@@ -23,16 +23,23 @@ import urllib.request
 PROMPTS = ["a cat", "red heart", "pizza", "rocket", "sun", "dog face", "star", "fire", "grinning face", "tree"]
 
 
-def library_throughput(args: argparse.Namespace) -> float:
-    """Images/s of sequential one-image `LdmPipeline` calls, loaded as the server loads it."""
+def load_library(args: argparse.Namespace):  # noqa: ANN201
+    """The default model loaded as the server loads it, warmed up (first calls allocate; the server gets the same)."""
     import torch
 
     from ldm_app.serve.engine import Engine
 
     torch.set_num_threads(args.threads)
     pipe = Engine.load("default", [], None, "cpu", "fp32").pipe
-    for _ in range(2):  # warm-up: first calls allocate (the server gets the same below)
+    for _ in range(2):
         pipe(PROMPTS[0], num_inference_steps=args.steps, guidance_scale=5.0)
+    return pipe
+
+
+def library_throughput(pipe, args: argparse.Namespace) -> float:  # noqa: ANN001
+    """Images/s of sequential one-image `LdmPipeline` calls with the requests' prompts and seeds."""
+    import torch
+
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < args.seconds:
         pipe(PROMPTS[count % len(PROMPTS)], num_inference_steps=args.steps, guidance_scale=5.0,
@@ -79,7 +86,8 @@ def main() -> None:
     from ldm_app.serve.process import start_server, stop_server
 
     os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)  # the server child gets the library's thread count
-    library = library_throughput(ARGS)
+    pipe = load_library(ARGS)
+    before = library_throughput(pipe, ARGS)
     proc, url = start_server(["--device", "cpu", "--no-ui", "--max-batch", str(ARGS.max_batch),
                               "--max-queue", "64"])
     try:
@@ -87,9 +95,12 @@ def main() -> None:
         rows = [(n, serve_load(url, n, ARGS.seconds)) for n in ARGS.clients]
     finally:
         stop_server(proc)
+    after = library_throughput(pipe, ARGS)  # again: on a shared machine the load changes over the run
+    library = (before + after) / 2
     print(f"\ndefault model, 64x64, {ARGS.steps} DDIM steps, CFG 5, {ARGS.threads} threads, {ARGS.seconds:.0f} s "
           f"per row, --max-batch {ARGS.max_batch}")
-    print(f"library (one LdmPipeline call per image, in sequence): {library:.2f} images/s\n")
+    print(f"library (one LdmPipeline call per image, in sequence): {library:.2f} images/s "
+          f"(mean of {before:.2f} before and {after:.2f} after the server rows)\n")
     print("| clients | images/s | p50 latency (s) | p95 latency (s) | errors | ratio to library |")
     print("|---|---|---|---|---|---|")
     for n, r in rows:
@@ -102,7 +113,8 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0, help="Duration of each load level.")
     parser.add_argument("--clients", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the library and the server (more "
+                        "than the idle cores makes OpenMP spin: 30x slower on a busy machine)")
     parser.add_argument("--max-batch", type=int, default=16)
     ARGS = parser.parse_args()
     main()
