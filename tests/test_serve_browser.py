@@ -1,6 +1,7 @@
 """The web UI in a real browser: Debian's chromium, headless, driven by selenium through chromedriver, against
 a real server (a child process on a free loopback port, stopped by its PID). Types a prompt, clicks Generate,
-waits for the picture, checks it is not blank and keeps a screenshot.
+waits for the picture, checks it is not blank, reuses its seed and keeps a screenshot; the server has an API key,
+so the page first asks for it.
 
 Skipped only where chromium is missing and CI is not set; in CI a missing browser fails the test."""
 
@@ -23,6 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from ldm_app.serve.process import start_server, stop_server  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+KEY = "browser-test-key"
 
 
 @pytest.fixture
@@ -47,7 +49,8 @@ def browser():
 
 @pytest.fixture
 def server(tmp_path):
-    proc, url = start_server(["--device", "cpu", "--max-steps", "30"], log_path=str(tmp_path / "server.log"))
+    proc, url = start_server(["--device", "cpu", "--max-steps", "30", "--api-key", KEY],
+                             log_path=str(tmp_path / "server.log"))
     try:
         yield url
     finally:
@@ -57,6 +60,9 @@ def server(tmp_path):
 def test_generate_in_the_browser(browser, server, tmp_path):
     browser.get(server + "/")
     wait = WebDriverWait(browser, 90)
+    key = wait.until(EC.element_to_be_clickable((By.NAME, "key")))  # with --api-key the UI asks for it once
+    key.send_keys(KEY)
+    key.submit()
     prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
     prompt.send_keys("a red heart")
     browser.find_element(By.CSS_SELECTOR, "button#generate").click()
@@ -71,3 +77,5 @@ def test_generate_in_the_browser(browser, server, tmp_path):
     assert pixels.std() > 20, "the generated image looks blank"
     seed = browser.find_element(By.CSS_SELECTOR, "#last-seed input").get_attribute("value")
     assert seed and int(seed) >= 0  # the seed is shown after the run
+    browser.find_element(By.CSS_SELECTOR, "button#reuse-seed").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value") == seed)

@@ -92,3 +92,19 @@ def test_the_painted_layer_becomes_the_white_mask():
     assert image.size == (16, 16) and np.asarray(mask).sum() == 16 * 255
     with pytest.raises(Exception, match="Nothing is painted"):
         gradio_ui.editor_image_and_mask({"background": background, "layers": [PIL.Image.new("RGBA", (16, 16))]})
+
+
+def test_invert_and_edit_runs_as_a_queue_task():
+    """The UI's invert & edit tab: a one-off task on the worker thread, never batched."""
+    from ldm_app.serve.queue import JobQueue
+
+    queue = JobQueue(Engine(tiny_pipeline(), "tiny"))
+    queue.start()
+    try:
+        image = PIL.Image.new("RGB", (40, 40), (200, 30, 30))
+        job = queue.submit(task=lambda e: e.invert_and_edit(image, "a red cat", "a blue dog", "ddim", 3, 1.0, 0.8))
+        reconstruction, edited = job.future.result(60)
+    finally:
+        queue.stop()
+    assert reconstruction.size == edited.size == (32, 32)
+    assert np.abs(np.asarray(reconstruction, dtype=float) - np.asarray(edited, dtype=float)).mean() > 0.5
