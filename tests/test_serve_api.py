@@ -207,3 +207,15 @@ def test_a_public_host_needs_a_key_or_insecure():
     check_bind("0.0.0.0", None, True)
     with pytest.raises(ValueError, match="shorter than 8"):
         Settings(api_key="short")
+
+
+def test_every_a1111_sampler_name_resolves_to_one_of_ours():
+    engine = Engine(tiny_pipeline(), "tiny")
+    labels = engine.sampler_labels()
+    for name, label in labels.items():
+        assert engine.resolve_sampler(name) == name
+        ours = engine.resolve_sampler(label.upper())
+        assert labels[ours] == label and list(labels).index(ours) <= list(labels).index(name)  # the first wins
+        if label.endswith(" Karras"):  # A1111 1.9+ sends the schedule type apart
+            assert engine.resolve_sampler(label.removesuffix(" Karras"), "Karras") == ours
+    assert engine.resolve_sampler("DDIM") == "ddim"

@@ -35,6 +35,7 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, description="-1 = random; image i of the request uses seed + i")
     sampler_name: str | None = Field(None, description="A1111 label (DDIM, Euler, DPM++ 2M, ...) or ours")
     sampler_index: str | None = Field(None, description="deprecated alias of sampler_name")
+    scheduler: str | None = Field(None, description="A1111's schedule type: Karras, or automatic")
     batch_size: int = 1
     n_iter: int = 1
     steps: int = 25
@@ -68,9 +69,13 @@ def _request(http: Request, body: Txt2ImgRequest, image: PIL.Image.Image | None 
         raise ApiError(422, f"batch_size={body.batch_size}, n_iter={body.n_iter}; both must be at least 1.",
                        "batch_size")
     engine, limits = http.app.state.engine, http.app.state.settings.limits
+    try:
+        sampler = engine.resolve_sampler(body.sampler_name or body.sampler_index or "ddim", body.scheduler)
+    except ValueError as err:
+        raise ApiError(422, str(err), "sampler_name") from None
     return image_request(engine, limits, prompt=body.prompt, negative_prompt=body.negative_prompt,
                          steps=body.steps, guidance=body.cfg_scale, eta=0.0 if body.eta is None else body.eta,
-                         sampler=body.sampler_name or body.sampler_index or "ddim", seed=body.seed,
+                         sampler=sampler, seed=body.seed,
                          width=body.width, height=body.height, n=body.batch_size * body.n_iter, loras=body.loras,
                          image=image, mask=mask, strength=strength)
 
@@ -130,8 +135,10 @@ async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
 
 @router.get("/samplers")
 def samplers(http: Request) -> list[dict[str, Any]]:
-    return [{"name": label, "aliases": [name], "options": {}}
-            for name, label in http.app.state.engine.sampler_labels().items()]
+    aliases: dict[str, list[str]] = {}
+    for name, label in http.app.state.engine.sampler_labels().items():
+        aliases.setdefault(label, []).append(name)
+    return [{"name": label, "aliases": names, "options": {}} for label, names in aliases.items()]
 
 
 @router.get("/sd-models")

@@ -133,18 +133,23 @@ class Engine:
 
     @staticmethod
     def sampler_labels() -> dict[str, str]:
-        """Our sampler name → the label A1111 and the PNG metadata use."""
-        return {name: entry[2] for name, entry in SAMPLERS.items()}
+        """Our sampler name → the name A1111 gives it ("DPM++ 2M Karras": A1111's spelling before 1.9)."""
+        return {name: entry[2] + (" Karras" if getattr(entry, "karras", False) else "")
+                for name, entry in SAMPLERS.items()}
 
-    def resolve_sampler(self, name: str) -> str:
-        """Our name or A1111's label (any case) → our name; unknown names list the valid ones."""
-        table = {}
-        for ours, label in self.sampler_labels().items():
-            table[ours.lower()] = table[label.lower()] = ours
-        if name.lower() not in table:
-            valid = ", ".join(sorted(set(self.sampler_labels().values()) | set(SAMPLERS)))
-            raise ValueError(f"Unknown sampler {name!r}; use one of: {valid}.")
-        return table[name.lower()]
+    def resolve_sampler(self, name: str, schedule_type: str | None = None) -> str:
+        """Our name, or A1111's (any case; "Karras" as a suffix or as `schedule_type`) → our name; unknown names
+        get a ValueError that lists the valid ones. Where two of ours share an A1111 name the first wins."""
+        if name in SAMPLERS:
+            return name
+        label = name.strip().lower()
+        if (schedule_type or "").strip().lower() == "karras" and not label.endswith(" karras"):
+            label += " karras"
+        for ours, a1111 in self.sampler_labels().items():
+            if a1111.lower() == label:
+                return ours
+        valid = ", ".join(dict.fromkeys([*self.sampler_labels().values(), *SAMPLERS]))
+        raise ValueError(f"Unknown sampler {name!r}; use one of: {valid}.")
 
     def resolve_loras(self, prompt: str, requested: dict[str, float] | None) -> tuple[str, tuple]:
         """The prompt without A1111's `<lora:name:weight>` tags, and the scale of every loaded LoRA.

@@ -208,7 +208,8 @@ class JobQueue:
                 raise Interrupted("every client of this batch has disconnected")
 
     def _retry_after(self) -> int:
-        """Seconds until a slot is likely free: the queue's images at the measured seconds per image."""
+        """Seconds until a slot is likely free (the worker takes the next batch when the running one ends): the
+        running batch's images at the measured seconds per image."""
         m = self.metrics
         per_image = m.busy_s / m.batched_images if m.batched_images else 1.0
-        return max(1, math.ceil(per_image * sum(j.images for j in self._waiting) / max(1, len(self._waiting))))
+        return max(1, math.ceil(per_image * sum(j.images for j in self._running)))

@@ -124,12 +124,11 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
                 return cast(stored[key]) if key in stored else cast(fields[field])
             except (KeyError, ValueError, TypeError):
                 return current
-        sampler = labels.get(stored.get("sampler", ""), None)
-        if sampler is None:
-            try:
-                sampler = labels[engine.resolve_sampler(fields.get("Sampler", ""))]
-            except ValueError:
-                sampler = gr.update()
+        try:
+            sampler = engine.resolve_sampler(stored.get("sampler") or fields.get("Sampler", ""),
+                                             fields.get("Schedule type"))
+        except ValueError:
+            sampler = gr.update()
         return [pick("prompt", "Prompt", str), pick("negative_prompt", "Negative prompt", str), sampler,
                 pick("steps", "Steps", int), pick("guidance", "CFG scale", float), pick("eta", "Eta", float),
                 pick("seed", "Seed", int), stored.get("width") or (int(size[0]) if size[0] else gr.update()),
@@ -169,7 +168,8 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
                 send_button = gr.Button("Send to text to image")
         with gr.Accordion("Settings", open=True):
             with gr.Row():
-                sampler = gr.Dropdown(list(labels.values()), value=labels["ddim"], label="Sampler", min_width=140)
+                sampler = gr.Dropdown([(f"{name} ({label})", name) for name, label in labels.items()], value="ddim",
+                                      label="Sampler", min_width=140)
                 steps = gr.Slider(1, min(limits.max_steps, engine.max_steps), value=25, step=1, label="Steps",
                                   min_width=140)
                 guidance = gr.Slider(0, 20, value=5, step=0.5, label="Guidance (CFG)", min_width=140)
