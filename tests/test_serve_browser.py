@@ -7,6 +7,7 @@ Skipped only where chromium is missing and CI is not set; in CI a missing browse
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -79,3 +81,11 @@ def test_generate_in_the_browser(browser, server, tmp_path):
     assert seed and int(seed) >= 0  # the seed is shown after the run
     browser.find_element(By.CSS_SELECTOR, "button#reuse-seed").click()
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value") == seed)
+
+    # 8 images in one batch: the progress bar counts the denoising steps, then the gallery holds all 8
+    count = browser.find_element(By.CSS_SELECTOR, "#count input[type=number]")
+    count.clear()
+    count.send_keys("8", Keys.TAB)
+    browser.find_element(By.CSS_SELECTOR, "button#generate").click()
+    wait.until(lambda d: re.search(r"\b\d+/25\b", d.find_element(By.TAG_NAME, "body").text))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 8)

@@ -75,21 +75,28 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
             paths.append(str(path))
         return paths
 
-    def generate(mode: str, prompt: str, negative: str, sampler: str, steps: float, guidance: float, eta: float,
-                 seed: float, width: float, height: float, count: float, init: Any, editor: Any,
-                 strength: float, *lora_scales: float, progress: gr.Progress = gr.Progress()) -> tuple:
+    def generate(mode: str, values: dict, progress: gr.Progress) -> tuple:
+        """One button: the settings (`values`, keyed by component) → gallery paths, the seed used, the infotext."""
         image = mask = None
         if mode == "img2img":
-            if init is None:
+            if values[init] is None:
                 raise gr.Error("Upload an image to start from.")
-            image = init.convert("RGB")
+            image = values[init].convert("RGB")
         elif mode == "inpaint":
-            image, mask = editor_image_and_mask(editor)
-        request = settings_request(prompt, negative, sampler, steps, guidance, eta, seed, width, height, count,
-                                   list(lora_scales), image=image, mask=mask, strength=strength)
+            image, mask = editor_image_and_mask(values[editor])
+        request = settings_request(values[prompt], values[negative], values[sampler], values[steps],
+                                   values[guidance], values[eta], values[seed], values[width], values[height],
+                                   values[count], [values[s] for s in lora_sliders], image=image, mask=mask,
+                                   strength=values[strength])
         images = wait(submit(request=request), progress)
         params = engine.params(request, request.seed)
         return save(request, images), request.seed, engine.infotext(params)
+
+    def handler(mode: str) -> Any:
+        # gradio finds the progress tracker among positional parameters with a gr.Progress default
+        def run(values: dict, progress: gr.Progress = gr.Progress()) -> tuple:
+            return generate(mode, values, progress)
+        return run
 
     def invert_edit(image: Any, source: str, target: str, method: str, steps: float, guidance: float,
                     cross: float, progress: gr.Progress = gr.Progress()) -> list:
@@ -179,7 +186,7 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
                 reuse = gr.Button("♻ Reuse last seed", min_width=140, elem_id="reuse-seed")
                 width = gr.Slider(factor, max_side, value=native, step=factor, label="Width", min_width=140)
                 height = gr.Slider(factor, max_side, value=native, step=factor, label="Height", min_width=140)
-                count = gr.Slider(1, limits.max_images, value=1, step=1, label="Images", min_width=140)
+                count = gr.Slider(1, limits.max_images, value=1, step=1, label="Images", min_width=140, elem_id="count")
                 strength = gr.Slider(0, 1, value=0.75, step=0.05, label="Denoising strength (img2img, inpaint)",
                                      min_width=140)
             lora_sliders = [gr.Slider(-1, 2, value=lora.scale, step=0.05, label=f"LoRA {name}", min_width=140)
@@ -189,10 +196,10 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
         last_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="last-seed")
         info = gr.Textbox(label="Parameters", interactive=False, lines=2)
 
-        settings = [prompt, negative, sampler, steps, guidance, eta, seed, width, height, count, init, editor, strength]
+        settings = {prompt, negative, sampler, steps, guidance, eta, seed, width, height, count, init, editor, strength,
+                    *lora_sliders}  # a set: the handler gets one dict, keyed by component
         for mode, button in (("txt2img", txt2img_button), ("img2img", img2img_button), ("inpaint", inpaint_button)):
-            button.click(lambda *a, mode=mode, **k: generate(mode, *a, **k), settings + lora_sliders,
-                         [gallery, last_seed, info])
+            button.click(handler(mode), settings, [gallery, last_seed, info])
         edit_button.click(invert_edit, [edit_image, source, target, method, edit_steps, edit_guidance, cross], gallery)
         reuse.click(lambda s: s, last_seed, seed)
         png_file.change(png_info, png_file, [png_text, png_parsed])
