@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.PngImagePlugin
 import pytest
 
 pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
@@ -89,3 +91,20 @@ def test_generate_in_the_browser(browser, server, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "button#generate").click()
     wait.until(lambda d: re.search(r"\b\d+/25\b", d.find_element(By.TAG_NAME, "body").text))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 8)
+
+    # PNG info: an A1111 PNG's parameters go back into the text-to-image settings
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a blue star\nNegative prompt: blurry\nSteps: 7, Sampler: Euler, CFG scale: 3.5, "
+                                "Seed: 4242, Size: 64x64, Model: sd15")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    browser.set_window_size(1280, 900)  # every tab in view, none in the overflow menu
+    relayout = WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException])  # tabs re-render
+    tab = relayout.until(lambda d: next((b for b in d.find_elements(By.XPATH, "//button[normalize-space()='PNG info']")
+                                         if b.is_displayed()), None))
+    tab.click()
+    browser.find_element(By.CSS_SELECTOR, "#png-file input[type=file]").send_keys(str(tmp_path / "a1111.png"))
+    wait.until(lambda d: "a blue star" in d.find_element(By.CSS_SELECTOR, "#png-text textarea").get_attribute("value"))
+    browser.find_element(By.CSS_SELECTOR, "button#send-to-txt2img").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value") == "a blue star")
+    assert browser.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value") == "4242"
+    assert browser.find_element(By.CSS_SELECTOR, "button#generate").is_displayed()  # back on text to image

@@ -4,6 +4,7 @@ drawn in the browser), invert and edit, PNG info. Every button goes through the 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +27,15 @@ CSS = """
 
 def mount_ui(app: FastAPI) -> None:
     """Build the UI over `app`'s engine and queue and serve it at /."""
-    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits)
+    outputs = Path(tempfile.mkdtemp(prefix="ldm-app-ui-"))  # the PNGs gradio serves (it keeps its own copies)
+    app.router.on_shutdown.append(lambda: shutil.rmtree(outputs, ignore_errors=True))
+    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs)
     gr.mount_gradio_app(app, blocks, path="/", ssr_mode=False, footer_links=["api"], css=CSS,
                         max_file_size=app.state.settings.limits.max_body_bytes)
 
 
-def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
-    outputs = Path(tempfile.mkdtemp(prefix="ldm-app-ui-"))  # PNGs with metadata, served by gradio's file cache
+def build_ui(engine: Engine, queue: JobQueue, limits: Any, outputs: Path) -> gr.Blocks:
+    """The UI's components and handlers; every handler goes through `queue`, generated PNGs go to `outputs`."""
     labels = engine.sampler_labels()
     factor, native = engine.size_factor, engine.default_size
     max_side = max(native, int((limits.max_pixels) ** 0.5) // factor * factor)
@@ -126,18 +129,18 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
             raise gr.Error("No parameters to send; drop a PNG made by ldm-app or A1111 first.")
         size = fields.get("Size", "x").split("x")
 
-        def pick(key: str, field: str, cast: Any, current: Any = gr.update()) -> Any:
+        def pick(key: str, field: str, cast: Any) -> Any:
             try:
                 return cast(stored[key]) if key in stored else cast(fields[field])
             except (KeyError, ValueError, TypeError):
-                return current
+                return gr.update()  # not in this PNG: leave the setting as it is
         try:
             sampler = engine.resolve_sampler(stored.get("sampler") or fields.get("Sampler", ""),
                                              fields.get("Schedule type"))
         except ValueError:
             sampler = gr.update()
         return [pick("prompt", "Prompt", str), pick("negative_prompt", "Negative prompt", str), sampler,
-                pick("steps", "Steps", int), pick("guidance", "CFG scale", float), pick("eta", "Eta", float),
+                pick("steps", "Steps", int), pick("guidance", "CFG scale", float), pick("eta", "Eta DDIM" if "Eta DDIM" in fields else "Eta", float),
                 pick("seed", "Seed", int), stored.get("width") or (int(size[0]) if size[0] else gr.update()),
                 stored.get("height") or (int(size[1]) if size[1:] and size[1] else gr.update()),
                 gr.Tabs(selected="txt2img")]
@@ -169,10 +172,11 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any) -> gr.Blocks:
                     cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention injection")
                 edit_button = gr.Button("Invert and edit", variant="primary", elem_id="generate-edit")
             with gr.Tab("PNG info", id="pnginfo"):
-                png_file = gr.File(label="Drop an ldm-app or A1111 PNG", file_types=[".png"], type="filepath")
-                png_text = gr.Textbox(label="Parameters", lines=4, interactive=False)
+                png_file = gr.File(label="Drop an ldm-app or A1111 PNG", file_types=[".png"], type="filepath",
+                                   elem_id="png-file")
+                png_text = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="png-text")
                 png_parsed = gr.JSON(label="Fields", visible=False)
-                send_button = gr.Button("Send to text to image")
+                send_button = gr.Button("Send to text to image", elem_id="send-to-txt2img")
         with gr.Accordion("Settings", open=True):
             with gr.Row():
                 sampler = gr.Dropdown([(f"{name} ({label})", name) for name, label in labels.items()], value="ddim",
