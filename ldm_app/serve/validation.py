@@ -50,9 +50,12 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
                                 f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
     try:
         prompt, lora_scales = engine.resolve_loras(prompt, loras)
+    except ValueError as err:
+        raise ApiError(422, str(err), "loras") from None
+    try:
         sampler = engine.resolve_sampler(sampler)
     except ValueError as err:
-        raise ApiError(422, str(err), "sampler" if "sampler" in str(err) else "loras") from None
+        raise ApiError(422, str(err), "sampler") from None
 
     # 2. Numbers
     max_steps = min(limits.max_steps, engine.max_steps)
