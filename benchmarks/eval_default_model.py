@@ -32,7 +32,7 @@ import torch
 
 from ldm_app import LdmPipeline
 from ldm_app.atomic import atomic_write
-from ldm_app.cache import module_fingerprint
+from ldm_app.encoders import module_fingerprint
 from ldm_app.evaluation import frechet_distance, load_clip, psnr, r_precision
 from ldm_app.samplers import make_scheduler
 

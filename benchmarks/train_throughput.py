@@ -31,9 +31,9 @@ from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
 from ldm_app.config import load_config
 from ldm_app.data import load_image_dataset
 from ldm_app.images import decode_image, preprocess
-from ldm_app.objective import noise_scheduler
+from ldm_app.encoders import Encoders
+from ldm_app.objective import DenoisingLoss, noise_scheduler
 from ldm_app.testing import tiny_components, write_toy_dataset
-from ldm_app.trainer import training_loss
 from ldm_app.unet import LdmUNet
 
 
@@ -72,9 +72,9 @@ def examples_style_step(unet, optimizer, scheduler, ds, indices, vae, tokenizer,
     optimizer.zero_grad(set_to_none=True)
 
 
-def trainer_step(unet, optimizer, scheduler, batches, step, batch_size, empty, obj, scaling) -> None:
+def trainer_step(unet, optimizer, loss_fn, batches, step, batch_size) -> None:
     batch = batches(step, batch_size, 0, 1)
-    loss = training_loss(unet, scheduler, batch, empty, obj, seeded_generator(0, step), scaling, torch.device("cpu"))
+    loss = loss_fn(unet, batch, seeded_generator(0, step))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -102,7 +102,8 @@ def main() -> None:
         vae, tokenizer, text_encoder = random_components(args.encoders)
     ds = load_image_dataset(cfg.data)
     start = time.perf_counter()
-    encoded = build_encoded_dataset(ds, cfg.data, vae, tokenizer, text_encoder, progress=False)
+    encoders = Encoders(vae, tokenizer, text_encoder)
+    encoded = build_encoded_dataset(ds, cfg.data, encoders, progress=False)
     cache_build = time.perf_counter() - start
     empty = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                                    return_tensors="pt").input_ids)[0].detach()
@@ -113,12 +114,13 @@ def main() -> None:
     unet = unet.to(memory_format=torch.channels_last)  # train.channels_last (the trainer's default)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     example_optimizer = torch.optim.AdamW(example_unet.parameters(), lr=1e-4)
-    cached, fresh = CachedBatches(encoded, 0, cfg.data), EncodingBatches(ds, cfg.data, 0, vae, tokenizer, text_encoder)
+    cached, fresh = CachedBatches(encoded, 0, cfg.data), EncodingBatches(ds, cfg.data, 0, encoders)
     g = torch.Generator().manual_seed(0)
-    b, scaling = args.batch, vae.config.scaling_factor
+    b = args.batch
+    loss_fn = DenoisingLoss(scheduler, cfg.objective, empty, vae.config.scaling_factor)
     runners = {
-        "(a) trainer, cache": lambda s: trainer_step(unet, optimizer, scheduler, cached, s, b, empty, cfg.objective, scaling),
-        "(b) trainer, no cache": lambda s: trainer_step(unet, optimizer, scheduler, fresh, s, b, empty, cfg.objective, scaling),
+        "(a) trainer, cache": lambda s: trainer_step(unet, optimizer, loss_fn, cached, s, b),
+        "(b) trainer, no cache": lambda s: trainer_step(unet, optimizer, loss_fn, fresh, s, b),
         "(c) diffusers example loop": lambda s: examples_style_step(
             example_unet, example_optimizer, scheduler, ds, [(s * b + i) % len(ds) for i in range(b)], vae, tokenizer, text_encoder,
             cfg.data, g),

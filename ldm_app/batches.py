@@ -10,17 +10,19 @@ by (seed, p); per-step draws (posterior sample, noise, timesteps, caption dropou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import datasets
 import numpy as np
+import PIL.Image
 import torch
-from diffusers import AutoencoderKL
-from transformers import CLIPTextModel, CLIPTokenizer
+from accelerate import Accelerator
 
-from .cache import EncodedDataset, encode_captions, encode_images, tokenize
-from .config import DataConfig
-from .data import caption_variants
+from .cache import EncodedDataset, build_encoded_dataset, cache_key, load_or_build_cache
+from .config import Config, DataConfig
+from .data import caption_variants, load_image_dataset
+from .encoders import Encoders
 from .images import decode_image, preprocess
 
 
@@ -67,11 +69,21 @@ class Batch:
     context: torch.Tensor | None  # (B, T, D) their frozen text-encoder hidden states (None: encoded in-graph)
 
 
-def text_batch(mean: torch.Tensor, std: torch.Tensor, captions: list[str], tokenizer: CLIPTokenizer,
-               text_encoder: CLIPTextModel | None) -> Batch:
-    """A batch of on-the-fly encodings; no frozen text states when `text_encoder` is None (it is being trained)."""
-    context = encode_captions(tokenizer, text_encoder, captions).cpu() if text_encoder is not None else None
-    return Batch(mean.cpu(), std.cpu(), tokenize(tokenizer, captions), context)
+def text_batch(mean: torch.Tensor, std: torch.Tensor, captions: list[str], encoders: Encoders,
+               encode_text: bool) -> Batch:
+    """A batch of on-the-fly encodings; no frozen text states unless `encode_text` (a trained text encoder
+    encodes the token ids inside the training graph)."""
+    context = encoders.encode_captions(captions).cpu() if encode_text else None
+    return Batch(mean.cpu(), std.cpu(), encoders.tokenize(captions), context)
+
+
+def prepare_example(image: PIL.Image.Image, variants: list[str], num_main: int, seed: int, position: int,
+                    cfg: DataConfig) -> tuple[torch.Tensor, str]:
+    """The image tensor and caption that stream position `position` trains on: its caption variant and flip
+    (`example_choice`), then resize and crop (random crops from their own generator)."""
+    choice = example_choice(seed, position, len(variants), num_main, cfg)
+    x = preprocess(image, cfg.resolution, cfg.center_crop, choice.flip, seeded_generator(seed, 3, position))
+    return x, variants[choice.caption]
 
 
 def positions(micro_step: int, batch_size: int, rank: int, world: int) -> range:
@@ -119,11 +131,8 @@ class _PositionDataset(torch.utils.data.Dataset):
             example = self.ds[(index + skipped) % len(self.ds)]
             image = decode_image(example["image"])
             if image is not None:
-                variants, num_main = caption_variants(example, self.cfg)
-                choice = example_choice(self.seed, position, len(variants), num_main, self.cfg)
-                x = preprocess(image, self.cfg.resolution, self.cfg.center_crop, choice.flip,
-                               seeded_generator(self.seed, 3, position))
-                return x, variants[choice.caption], skipped
+                return *prepare_example(image, *caption_variants(example, self.cfg), self.seed, position,
+                                        self.cfg), skipped
         raise ValueError(f"No image in {self.cfg.path} can be decoded; check data.path.")
 
 
@@ -142,10 +151,9 @@ class EncodingBatches:
     """Batches decoded (in `num_workers` data-loader workers) and encoded on the fly, every step: the work
     the cache saves. An image that fails to decode is skipped and counted."""
 
-    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, seed: int, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
-                 text_encoder: CLIPTextModel | None):
+    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, seed: int, encoders: Encoders, encode_text: bool = True):
         self.dataset = _PositionDataset(ds, cfg, seed)
-        self.cfg, self.vae, self.tokenizer, self.text_encoder = cfg, vae, tokenizer, text_encoder
+        self.cfg, self.encoders, self.encode_text = cfg, encoders, encode_text
         self.skipped = 0
         self._loader: Iterator | None = None
         self._next_step = -1
@@ -159,8 +167,8 @@ class EncodingBatches:
         images, captions, skipped = next(self._loader)
         self._next_step = micro_step + 1
         self.skipped += int(skipped.sum())
-        mean, std = encode_images(self.vae, images)
-        return text_batch(mean, std, list(captions), self.tokenizer, self.text_encoder)
+        mean, std = self.encoders.encode_images(images)
+        return text_batch(mean, std, list(captions), self.encoders, self.encode_text)
 
 
 class StreamingBatches:
@@ -171,12 +179,11 @@ class StreamingBatches:
     """
 
     def __init__(self, ds: datasets.IterableDataset, cfg: DataConfig, seed: int, rank: int, world: int,
-                 vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel | None,
-                 buffer_size: int = 1000):
+                 encoders: Encoders, encode_text: bool = True, buffer_size: int = 1000):
         from datasets.distributed import split_dataset_by_node
 
         self.cfg, self.seed = cfg, seed
-        self.vae, self.tokenizer, self.text_encoder = vae, tokenizer, text_encoder
+        self.encoders, self.encode_text = encoders, encode_text
         self.ds = split_dataset_by_node(ds.shuffle(seed=seed, buffer_size=buffer_size), rank=rank, world_size=world)
         self._iter: Iterator | None = None
         self._position = 0  # decodable examples consumed: micro-step s starts at s · batch_size
@@ -206,10 +213,38 @@ class StreamingBatches:
         images, captions = [], []
         for _ in range(batch_size):
             image, variants, num_main = self._next_example()
-            p = self._position * world + rank
-            choice = example_choice(self.seed, p, len(variants), num_main, self.cfg)
-            images.append(preprocess(image, self.cfg.resolution, self.cfg.center_crop, choice.flip,
-                                     seeded_generator(self.seed, 3, p)))
-            captions.append(variants[choice.caption])
-        mean, std = encode_images(self.vae, torch.stack(images))
-        return text_batch(mean, std, captions, self.tokenizer, self.text_encoder)
+            x, caption = prepare_example(image, variants, num_main, self.seed, self._position * world + rank, self.cfg)
+            images.append(x)
+            captions.append(caption)
+        mean, std = self.encoders.encode_images(torch.stack(images))
+        return text_batch(mean, std, captions, self.encoders, self.encode_text)
+
+
+class BatchSource(Protocol):
+    """(micro-step, batch size, rank, world) → that process's batch; a pure function of its arguments."""
+
+    skipped: int  # undecodable images met so far (the cache counts its own when it is built)
+
+    def __call__(self, micro_step: int, batch_size: int, rank: int, world: int) -> Batch: ...
+
+
+def make_batches(config: Config, encoders: Encoders, accelerator: Accelerator, cache_folder: Path,
+                 encode_text: bool = True) -> BatchSource:
+    """The run's batch source: the encoded cache (built by the main process, read by the others), or decoding
+    and encoding every step, or a stream. `encode_text=False` when the text encoder trains in-graph."""
+    ds = load_image_dataset(config.data)
+    t = config.train
+    if t.cache:
+        key = cache_key(ds, config.data, encoders)
+        if accelerator.is_main_process:  # one process encodes; the others read what it wrote
+            encoded = load_or_build_cache(cache_folder, key,
+                                          lambda: build_encoded_dataset(ds, config.data, encoders))
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            encoded = load_or_build_cache(cache_folder, key, lambda: None)
+        accelerator.print(f"{len(encoded)} training images cached ({encoded.skipped} failed to decode, skipped)")
+        return CachedBatches(encoded, t.seed, config.data)
+    if config.data.streaming:
+        return StreamingBatches(ds, config.data, t.seed, accelerator.process_index, accelerator.num_processes,
+                                encoders, encode_text)
+    return EncodingBatches(ds, config.data, t.seed, encoders, encode_text)

@@ -1,4 +1,4 @@
-"""Encoding images and captions with the frozen VAE and text encoder — and caching the results.
+"""The encoded cache: the frozen encoders' outputs for a whole dataset, computed once per run folder.
 
 The VAE and text encoder never change during UNet training, so their outputs can be computed once. The
 cache stores the VAE *posterior* (mean, std), not a latent sample: each step still draws a fresh
@@ -16,45 +16,15 @@ from typing import Callable
 
 import datasets
 import torch
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .atomic import atomic_write
 from .config import DataConfig
 from .data import dataset_fingerprint, iter_examples
-
+from .encoders import Encoders
 
 CACHE_FORMAT = "2"  # bump when EncodedDataset's fields change, so old caches are rebuilt
-
-
-@torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (B, 3, H, W) in [-1, 1] → the VAE posterior's mean and std (unscaled latents)."""
-    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    return posterior.mean.float(), posterior.std.float()
-
-
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    """Captions → token ids (B, T), padded/truncated to the tokenizer's length."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-@torch.no_grad()
-def encode_captions(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]) -> torch.Tensor:
-    """Captions → text-encoder hidden states (B, T, D)."""
-    return text_encoder(tokenize(tokenizer, captions).to(text_encoder.device))[0].float()
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of a module's weights: the cache must be rebuilt when an encoder changes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -83,8 +53,8 @@ class EncodedDataset:
         return {k: v.contiguous() for k, v in out.items()}
 
 
-def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
-                          text_encoder: CLIPTextModel, batch_size: int = 32, progress: bool = True) -> EncodedDataset:
+def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, encoders: Encoders, batch_size: int = 32,
+                          progress: bool = True) -> EncodedDataset:
     """One pass over the data through both frozen encoders."""
     means, stds, fmeans, fstds, per_example, mains = [], [], [], [], [], []
     skipped: list[int] = []
@@ -93,10 +63,10 @@ def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: Autoencode
 
     def flush() -> None:
         images = torch.stack(batch)
-        m, s = encode_images(vae, images)
+        m, s = encoders.encode_images(images)
         means.append(m), stds.append(s)
         if cfg.random_flip:
-            fm, fs = encode_images(vae, images.flip(-1))
+            fm, fs = encoders.encode_images(images.flip(-1))
             fmeans.append(fm), fstds.append(fs)
         batch.clear()
 
@@ -113,7 +83,7 @@ def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: Autoencode
         raise ValueError(f"No usable image in {cfg.path} ({len(skipped)} failed to decode); check data.path.")
 
     texts = list(captions)
-    states = torch.cat([encode_captions(tokenizer, text_encoder, texts[i:i + 256])
+    states = torch.cat([encoders.encode_captions(texts[i:i + 256])
                         for i in tqdm(range(0, len(texts), 256), desc="Encoding captions", disable=not progress)])
     counts = torch.tensor([0] + [len(c) for c in per_example])
     return EncodedDataset(
@@ -121,14 +91,12 @@ def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, vae: Autoencode
         flipped_mean=torch.cat(fmeans) if fmeans else None, flipped_std=torch.cat(fstds) if fstds else None,
         caption_offsets=counts.cumsum(0), caption_index=torch.tensor([i for c in per_example for i in c]),
         caption_main=torch.tensor(mains),
-        text_states=states, caption_ids=tokenize(tokenizer, texts), skipped=len(skipped))
+        text_states=states, caption_ids=encoders.tokenize(texts), skipped=len(skipped))
 
 
-def cache_key(ds: datasets.Dataset, cfg: DataConfig, vae: torch.nn.Module, tokenizer: CLIPTokenizer,
-              text_encoder: torch.nn.Module) -> str:
+def cache_key(ds: datasets.Dataset, cfg: DataConfig, encoders: Encoders) -> str:
     """Changes whenever the data, the preprocessing, or an encoder changes."""
-    parts = [CACHE_FORMAT, dataset_fingerprint(ds, cfg), module_fingerprint(vae), module_fingerprint(text_encoder),
-             json.dumps(tokenizer.get_vocab(), sort_keys=True), str(tokenizer.model_max_length)]
+    parts = [CACHE_FORMAT, dataset_fingerprint(ds, cfg), encoders.fingerprint()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .loading import looks_local
 from .unet import LdmUNet
 
 UNet = LdmUNet | UNet2DConditionModel  # either UNet works wherever the other does
@@ -42,6 +43,8 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 def _check_local_folder(path: str | os.PathLike, subfolder: str | None, what: str) -> None:
     folder = Path(path) / (subfolder or "")
+    if not _is_local(path) and looks_local(str(path)):  # else the hub is asked for it, and the error is about that
+        raise ValueError(f"{path} does not exist; point to a {what} folder or a hub id (owner/name).")
     if _is_local(path) and not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; point to a {what} folder (or a pipeline folder with {subfolder}/).")
 

@@ -7,7 +7,9 @@ written into the run folder so a run can be read back and resumed exactly.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,7 +91,7 @@ class TrainConfig:
     cache: bool = True  # cache VAE posteriors and text-encoder states once, in the run folder
     channels_last: bool = True  # faster convolutions on CPU and GPU
     checkpoint_every: int = 500  # steps between accelerator.save_state checkpoints
-    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
+    keep_checkpoints: int = 2  # newest checkpoints kept, older ones deleted (0 = keep all)
     log_every: int = 10  # steps between TensorBoard scalars
     validation_every: int = 1000  # steps between validation grids (0 = off)
     validation_prompts: list[str] = field(  # one column of the validation grid each
@@ -97,11 +99,15 @@ class TrainConfig:
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])  # one row of the grid each
     validation_steps: int = 25  # DDIM steps per validation image
     validation_guidance: float = 5.0  # classifier-free guidance scale of the validation images
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"  # where loss/lr/throughput go
+    push_to_hub: bool = False  # upload the export (pipeline folder or LoRA file, with its model card) when done
+    hub_model_id: str | None = None  # the Hub repo to push to, owner/name (needed with push_to_hub)
+    hub_private: bool = False  # create that repo private
 
 
 @dataclass
 class LoraTrainConfig:
-    rank: int = 0  # > 0: train rank-r LoRA adapters on a frozen pretrained UNet instead of the whole UNet
+    rank: int = 0  # 0: train the whole UNet; r > 0: train only rank-r LoRA adapters on a frozen pretrained UNet
     alpha: float | None = None  # LoRA α; the update is scaled by α/r (default α = r)
     kohya: bool = False  # also write the adapters in kohya/A1111 format
     train_text_encoder: bool = False  # also adapt the text encoder's attention (captions then encoded in-graph)
@@ -150,6 +156,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if str(value).lower() in ("false", "0", "no"):
             return False
         raise ValueError(f"{key}={value!r} is not a boolean; use true or false.")
+    if annotation is int and (isinstance(value, bool) or isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key}={value!r} is not a whole number.")  # int() would truncate 2.7 to 2
     if annotation in (int, float, str):
         try:
             return annotation(value)
@@ -202,10 +210,88 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def validate_config(config: Config) -> None:
     """Settings that load but cannot work together; the error says how to fix them."""
-    o = config.objective
+    _check_ranges(config)
+    o, t, lora = config.objective, config.train, config.lora
     if o.zero_terminal_snr and o.prediction_type == "epsilon":  # the first DDIM step divides by √ᾱ_T = 0
         raise ValueError("objective.zero_terminal_snr=true with prediction_type=epsilon samples NaN images; "
                          "set objective.prediction_type=v_prediction.")
+    if lora.rank and not config.model.pretrained_unet:
+        raise ValueError("lora.rank > 0 fine-tunes a pretrained UNet; set model.pretrained_unet to a pipeline folder.")
+    if lora.train_text_encoder and not lora.rank:
+        raise ValueError("lora.train_text_encoder needs LoRA on the UNet too; set lora.rank > 0.")
+    if t.cache and config.data.streaming:
+        raise ValueError("train.cache=true needs a finite dataset; set train.cache=false to stream.")
+    if t.cache and not config.data.center_crop:
+        raise ValueError("Random crops cannot be cached; set data.center_crop=true or train.cache=false.")
+    if t.push_to_hub and (not t.hub_model_id or t.hub_model_id.count("/") != 1):
+        raise ValueError("train.push_to_hub=true needs the repo to push to; set train.hub_model_id=owner/name.")
+    if t.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:  # accelerate would drop it
+        raise ValueError(f"train.report_to={t.report_to} needs wandb: pip install wandb (then wandb login), or set "
+                         "train.report_to=tensorboard.")
+
+
+# Range checks, run before any work so that a bad value never costs a cache build: (key, what the bound means).
+# Comparisons are written so that NaN fails them.
+_AT_LEAST_ONE = [("train.batch_size", "samples per process per step"), ("train.max_steps", "optimizer steps"),
+                 ("train.gradient_accumulation_steps", "micro-batches per step; 1 = none"),
+                 ("train.checkpoint_every", "steps between checkpoints"), ("train.log_every", "steps between logs"),
+                 ("train.validation_steps", "sampling steps"), ("objective.num_train_timesteps", "e.g. 1000")]
+_AT_LEAST_ZERO = [("train.warmup_steps", "0 = no warm-up"), ("train.keep_checkpoints", "0 = keep all"),
+                  ("train.validation_every", "0 = off"), ("data.num_workers", "0 = load in the main process"),
+                  ("lora.rank", "0 = full training")]
+_PROBABILITIES = ["data.tag_probability", "objective.caption_dropout", "train.ema_decay"]
+
+
+def _get(config: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def _check_template(key: str, template: Any) -> None:
+    """A caption template formats one caption: only `{}` / `{0}` fields, so nothing else can be read through
+    `str.format` (`{0.__class__}`, `{0[1]}`) and no field waits for a second argument (`{1}`)."""
+    fix = f"write templates like \"a photo of {{}}\" with {{}} where the caption goes, e.g. {key}='[\"a {{}}\"]'."
+    if not isinstance(template, str):
+        raise ValueError(f"{key} holds {template!r}, not a string; {fix}")
+    try:  # fields are checked before anything is formatted
+        fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
+        if not fields or any(name not in ("", "0") or "{" in spec for name, spec in fields):
+            raise ValueError("it must hold {} for the caption and no other field")
+        template.format("caption")
+    except ValueError as err:
+        raise ValueError(f"{key} template {template!r} does not format a caption: {err}; {fix}") from None
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_ranges(config: Config) -> None:
+    """Each numeric setting within the range it can work in; the error names the key and what works."""
+    for lowest, keys in ((1, _AT_LEAST_ONE), (0, _AT_LEAST_ZERO)):
+        for key, hint in keys:
+            value = _get(config, key)
+            if not (_is_whole(value) and value >= lowest):
+                raise ValueError(f"{key}={value!r} must be a whole number >= {lowest} ({hint}).")
+    for key in _PROBABILITIES:
+        value = _get(config, key)
+        if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ValueError(f"{key}={value!r} must be between 0 and 1.")
+    t, d = config.train, config.data
+    if not (isinstance(t.learning_rate, (int, float)) and 0 < t.learning_rate < float("inf")):
+        raise ValueError(f"train.learning_rate={t.learning_rate!r} must be > 0, e.g. train.learning_rate=1e-4.")
+    if t.max_minutes is not None and not t.max_minutes >= 0:
+        raise ValueError(f"train.max_minutes={t.max_minutes!r} must be >= 0 (or null for no time limit).")
+    if not (_is_whole(d.resolution) and d.resolution >= 8 and d.resolution % 8 == 0):
+        nearest = max(8, d.resolution // 8 * 8) if _is_whole(d.resolution) else 64
+        raise ValueError(f"data.resolution={d.resolution!r} must be a positive multiple of 8 (the VAE downsamples by "
+                         f"up to 8), e.g. data.resolution={nearest}.")
+    for key in ("data.caption_templates", "data.tag_templates"):
+        templates = _get(config, key)
+        if not isinstance(templates, list) or not templates:
+            raise ValueError(f"{key} must be a non-empty list of templates, e.g. {key}='[\"{{}}\", \"a {{}}\"]'.")
+        for template in templates:
+            _check_template(key, template)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -22,11 +22,20 @@ def _has_metadata(folder: Path) -> bool:
     return any(folder.glob("metadata.jsonl")) or any(folder.glob("*/metadata.jsonl"))
 
 
+def read_caption(path: Path) -> str:
+    """A sidecar caption file's text ("" when there is none), or an error that names the file."""
+    if not path.is_file():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"Caption file {path} is not UTF-8 text; save it as UTF-8.") from None
+
+
 def sidecar_dataset(folder: Path, caption_column: str = "text") -> datasets.Dataset:
     """Images in a folder (recursively) with captions in same-named .txt files; no caption → empty string."""
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    sidecars = [p.with_suffix(".txt") for p in paths]
-    captions = [t.read_text(encoding="utf-8").strip() if t.is_file() else "" for t in sidecars]
+    captions = [read_caption(p.with_suffix(".txt")) for p in paths]
     return datasets.Dataset.from_dict({"image": [str(p) for p in paths], caption_column: captions}).cast_column(
         "image", datasets.Image(decode=False))
 

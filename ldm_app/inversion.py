@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_write
 from .attention_control import PromptToPromptProcessor, attention_processor, token_alignment
 from .images import decode_image, preprocess
-from .pipeline import LdmPipeline, OutputType
+from .pipeline import LdmPipeline, OutputType, classifier_free_guidance
 from .samplers import max_inference_steps
 
 Method = Literal["ddim", "null-text", "negative-prompt"]
@@ -195,7 +195,7 @@ def null_text_invert(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, num
             optimizer = torch.optim.Adam([null], lr=learning_rate * (1 - i / (2 * num_inference_steps)))
             for j in range(num_inner_steps):
                 eps_uncond = unet(x_t, t, encoder_hidden_states=null.to(cond.dtype), return_dict=False)[0]
-                eps = eps_uncond + w * (eps_cond - eps_uncond)  # classifier-free guidance
+                eps = classifier_free_guidance(eps_uncond, eps_cond, w)
                 x_prev = scheduler.step(eps, t, x_t, return_dict=False)[0]  # DDIM eq. 12 at η = 0, differentiable
                 loss = F.mse_loss(x_prev.float(), x_prev_target.float())
                 (null.grad,) = torch.autograd.grad(loss, [null])  # grads for ∅ only, none for the UNet weights
@@ -208,7 +208,7 @@ def null_text_invert(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, num
             null_embeds.append(null.to(cond.dtype, copy=True))  # a copy: the next step's Adam updates `null` in place
             with torch.no_grad():  # the guided step with the tuned ∅_t gives the next x̄_t
                 eps_uncond = unet(x_t, t, encoder_hidden_states=null.to(cond.dtype), return_dict=False)[0]
-                x_t = scheduler.step(eps_uncond + w * (eps_cond - eps_uncond), t, x_t, return_dict=False)[0]
+                x_t = scheduler.step(classifier_free_guidance(eps_uncond, eps_cond, w), t, x_t, return_dict=False)[0]
     inversion = Inversion(pivot, prompt, num_inference_steps, guidance_scale, "null-text",
                           null_embeds=torch.stack(null_embeds), original_size=original_size)
     with torch.no_grad():
@@ -288,20 +288,39 @@ def _ddim_trajectory(pipe: LdmPipeline, x_0: torch.Tensor, cond: torch.Tensor, u
     if not torch.equal(inverse.timesteps.flip(0), _sampler(pipe, num_inference_steps).timesteps):
         raise ValueError(f"timestep_spacing={pipe.scheduler.config.timestep_spacing!r} gives inverse timesteps that "
                          "DDIM sampling does not retrace; use a scheduler config with 'leading' or 'trailing' spacing.")
-    do_cfg = guidance_scale > 1
-    embeds = torch.cat([uncond, cond]) if do_cfg else cond
-    latents = [x_0]
-    x = x_0
-    with pipe.progress_bar(total=num_inference_steps) as progress:
-        for t in inverse.timesteps:  # ascending: ε is evaluated at the next (noisier) timestep, ε(x_{t-1}, t)
-            eps = pipe.unet(torch.cat([x] * 2) if do_cfg else x, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            if do_cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            x = inverse.step(eps, t, x, return_dict=False)[0]  # DDIM eq. 12 solved for x_t
-            latents.append(x)
-            progress.update()
-    return torch.stack(latents)
+    # ascending timesteps: ε is evaluated at the next (noisier) timestep, ε(x_{t-1}, t), and the inverse step
+    # solves DDIM's eq. 12 for x_t
+    trajectory = _Trajectory(x_0)
+    pipe.denoise(x_0, inverse.timesteps, cond, uncond, guidance_scale, scheduler=inverse, callbacks=[trajectory])
+    return torch.stack(trajectory.latents)
+
+
+class _Trajectory:
+    """A `denoise` hook that keeps the latents after every step, after the starting ones."""
+
+    def __init__(self, start: torch.Tensor):
+        self.latents = [start]
+
+    def __call__(self, pipe: LdmPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        self.latents.append(tensors["latents"])
+        return {}
+
+
+class _StepConditioning:
+    """A `denoise` hook for sampling an inversion back: after step i, the unconditional embedding of step i + 1
+    (null-text's per-step ∅_t) and Prompt-to-Prompt's step counter."""
+
+    def __init__(self, unconds: torch.Tensor, batch: int, processor: PromptToPromptProcessor | None):
+        self.unconds = unconds  # (T, 1, L, D), in sampling order
+        self.batch = batch
+        self.processor = processor
+
+    def __call__(self, pipe: LdmPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        if self.processor is not None:
+            self.processor.step = i + 1
+        if i + 1 < len(self.unconds):
+            return {"negative_prompt_embeds": self.unconds[i + 1].expand(self.batch, -1, -1)}
+        return {}
 
 
 def _sample(pipe: LdmPipeline, inversion: Inversion, cond: torch.Tensor,
@@ -318,7 +337,6 @@ def _sample(pipe: LdmPipeline, inversion: Inversion, cond: torch.Tensor,
         raise ValueError(f"The inversion's latents are {tuple(inversion.x_T.shape[1:])} but this model's are "
                          f"{expected}; use the model it was made with ({inversion.model or 'not recorded'}).")
     w, b = inversion.guidance_scale, cond.shape[0]
-    do_cfg = w > 1
     if inversion.method == "null-text":
         if inversion.null_embeds is None or len(inversion.null_embeds) != inversion.num_inference_steps:
             raise ValueError("A null-text inversion needs one null embedding per step; invert the image again.")
@@ -327,21 +345,11 @@ def _sample(pipe: LdmPipeline, inversion: Inversion, cond: torch.Tensor,
         text = inversion.prompt if inversion.method == "negative-prompt" else ""
         unconds = pipe.encode_prompt(text, pipe.device, 1, False)[0].expand(len(scheduler.timesteps), -1, -1, -1)
     x_t = inversion.x_T.to(device=pipe.device, dtype=cond.dtype).expand(b, -1, -1, -1)
-    with pipe.progress_bar(total=len(scheduler.timesteps)) as progress:
-        for i, t in enumerate(scheduler.timesteps):
-            uncond = unconds[i]  # (1, L, D)
-            if processor is not None:
-                processor.step = i
-            if do_cfg:
-                embeds = torch.cat([uncond.expand(b, -1, -1), cond])
-                eps_uncond, eps_cond = pipe.unet(torch.cat([x_t] * 2), t, encoder_hidden_states=embeds,
-                                                 return_dict=False)[0].chunk(2)
-                eps = eps_uncond + w * (eps_cond - eps_uncond)
-            else:
-                eps = pipe.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
-            x_t = scheduler.step(eps, t, x_t, return_dict=False)[0]
-            progress.update()
-    return x_t
+    if processor is not None:
+        processor.step = 0
+    hook = _StepConditioning(unconds, b, processor)
+    return pipe.denoise(x_t, scheduler.timesteps, cond, unconds[0].expand(b, -1, -1), w, scheduler=scheduler,
+                        callbacks=[hook])
 
 
 def _output(pipe: LdmPipeline, latents: torch.Tensor, output_type: OutputType) -> Any:

@@ -9,13 +9,17 @@ The UNet predicts one of three equivalent targets:
 
 from __future__ import annotations
 
-from typing import get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from .config import BetaSchedule, ObjectiveConfig
+
+if TYPE_CHECKING:
+    from .batches import Batch
 
 
 def noise_scheduler(cfg: ObjectiveConfig) -> DDPMScheduler:
@@ -88,3 +92,36 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Te
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)
     return per_sample.mean()
+
+
+@dataclass
+class DenoisingLoss:
+    """One training step's loss on a batch: z ~ q(z|x) from the VAE posterior, captions dropped to ∅ for
+    classifier-free guidance, then `diffusion_loss` at random timesteps. All randomness comes from the
+    generator passed in, so a step's loss is a function of (weights, batch, generator)."""
+
+    scheduler: DDPMScheduler  # the forward process's β schedule and prediction type
+    objective: ObjectiveConfig
+    empty: torch.Tensor  # ∅: its hidden states (1, T, D), or its token ids (1, T) when the text encoder trains
+    scaling: float  # the VAE's latent scaling factor
+    device: torch.device = torch.device("cpu")  # where the UNet runs (batches and draws are made on the CPU)
+
+    def __call__(self, unet: torch.nn.Module, batch: Batch, generator: torch.Generator,
+                 text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        """With a trained `text_encoder` the captions (token ids) are encoded here, inside the graph, so that
+        gradients reach its adapters."""
+        obj, device = self.objective, self.device
+        b = batch.mean.shape[0]
+        eps_z = torch.randn(batch.mean.shape, generator=generator)
+        noise = torch.randn(batch.mean.shape, generator=generator)
+        timesteps = torch.randint(0, obj.num_train_timesteps, (b,), generator=generator)
+        drop = torch.rand(b, generator=generator) < obj.caption_dropout
+        if obj.noise_offset:
+            noise = noise + obj.noise_offset * torch.randn((b, noise.shape[1], 1, 1), generator=generator)
+        x0 = (batch.mean + batch.std * eps_z) * self.scaling  # z ~ q(z|x), reparameterised
+        if text_encoder is None:
+            context = torch.where(drop[:, None, None], self.empty, batch.context)
+        else:
+            context = text_encoder(torch.where(drop[:, None], self.empty, batch.input_ids).to(device))[0]
+        return diffusion_loss(unet, self.scheduler, x0.to(device), context.to(device), noise.to(device),
+                              timesteps.to(device), obj.snr_gamma)

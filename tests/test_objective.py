@@ -7,8 +7,7 @@ import torch
 
 from ldm_app.batches import Batch
 from ldm_app.config import ObjectiveConfig
-from ldm_app.objective import diffusion_loss, noise_scheduler, sampling_scheduler
-from ldm_app.trainer import training_loss
+from ldm_app.objective import DenoisingLoss, diffusion_loss, noise_scheduler, sampling_scheduler
 
 
 class FixedPrediction(torch.nn.Module):
@@ -58,8 +57,8 @@ def test_caption_dropout_swaps_the_text_states_for_the_empty_prompts(dropout):
     batch = Batch(torch.zeros(b, 4, 8, 8), torch.ones(b, 4, 8, 8), torch.zeros(b, 5, dtype=torch.long),
                   torch.ones(b, 5, 3))
     empty, unet = torch.full((1, 5, 3), -1.0), FixedPrediction()
-    training_loss(unet, noise_scheduler(ObjectiveConfig()), batch, empty, ObjectiveConfig(caption_dropout=dropout),
-                  torch.Generator().manual_seed(0), 1.0, torch.device("cpu"))
+    loss = DenoisingLoss(noise_scheduler(ObjectiveConfig()), ObjectiveConfig(caption_dropout=dropout), empty, 1.0)
+    loss(unet, batch, torch.Generator().manual_seed(0))
     assert torch.equal(unet.contexts[0], (empty if dropout == 1.0 else batch.context).expand(b, 5, 3))
 
 

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
 from ldm_app.batches import CachedBatches, EncodingBatches, seeded_generator
-from ldm_app.cache import build_encoded_dataset, cache_key, load_or_build_cache, module_fingerprint
+from ldm_app.cache import build_encoded_dataset, cache_key, load_or_build_cache
 from ldm_app.components import load_text_encoder, load_tokenizer, load_vae
+from ldm_app.encoders import Encoders, module_fingerprint
 from ldm_app.config import Config, ObjectiveConfig, TrainConfig, load_config
 from ldm_app.data import load_image_dataset
-from ldm_app.objective import noise_scheduler
+from ldm_app.objective import DenoisingLoss, noise_scheduler
 from ldm_app.testing import tiny_components, tiny_pipeline, write_tiny_run_inputs, write_toy_dataset
-from ldm_app.trainer import (TrainingError, export_pipeline, lr_schedule, train, training_loss,
-                             validation_grid)
+from ldm_app.trainer import TrainingError, export_pipeline, lr_schedule, train, validation_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -44,12 +44,12 @@ def fixed_batch_loss(unet, config, inputs) -> float:
     """Loss of a UNet on one fixed batch with fixed noise: comparable before and after training."""
     vae = load_vae(inputs / "model", "vae")
     tok, te = load_tokenizer(inputs / "model", "tokenizer"), load_text_encoder(inputs / "model", "text_encoder")
-    encoded = build_encoded_dataset(load_image_dataset(config.data), config.data, vae, tok, te, progress=False)
+    encoded = build_encoded_dataset(load_image_dataset(config.data), config.data, Encoders(vae, tok, te), progress=False)
     batch = CachedBatches(encoded, 0, config.data)(0, 32, 0, 1)
     empty = te(tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[0]
+    loss = DenoisingLoss(noise_scheduler(config.objective), config.objective, empty, vae.config.scaling_factor)
     with torch.no_grad():
-        return training_loss(unet.eval(), noise_scheduler(config.objective), batch, empty, config.objective,
-                             seeded_generator(123), vae.config.scaling_factor, torch.device("cpu")).item()
+        return loss(unet.eval(), batch, seeded_generator(123)).item()
 
 
 @pytest.mark.parametrize("prediction_type, extra", [
@@ -76,8 +76,9 @@ def test_cache_gives_the_same_batches_and_loss_as_encoding_every_step(inputs):
     vae = load_vae(inputs / "model", "vae")
     tok, te = load_tokenizer(inputs / "model", "tokenizer"), load_text_encoder(inputs / "model", "text_encoder")
     ds = load_image_dataset(config.data)
-    cached = CachedBatches(build_encoded_dataset(ds, config.data, vae, tok, te, progress=False), 0, config.data)
-    fresh = EncodingBatches(ds, config.data, 0, vae, tok, te)
+    encoders = Encoders(vae, tok, te)
+    cached = CachedBatches(build_encoded_dataset(ds, config.data, encoders, progress=False), 0, config.data)
+    fresh = EncodingBatches(ds, config.data, 0, encoders)
     empty = torch.zeros(1, tok.model_max_length, 32)
     torch.manual_seed(0)
     from ldm_app.unet import LdmUNet
@@ -88,8 +89,8 @@ def test_cache_gives_the_same_batches_and_loss_as_encoding_every_step(inputs):
         torch.testing.assert_close(a.std, b.std)
         torch.testing.assert_close(a.context, b.context)
         with torch.no_grad():
-            losses = [training_loss(unet, noise_scheduler(config.objective), batch, empty, config.objective,
-                                    seeded_generator(7, step), 0.5, torch.device("cpu")) for batch in (a, b)]
+            loss = DenoisingLoss(noise_scheduler(config.objective), config.objective, empty, 0.5)
+            losses = [loss(unet, batch, seeded_generator(7, step)) for batch in (a, b)]
         torch.testing.assert_close(losses[0], losses[1])
 
     # two ranks split one global batch of 8 between them: disjoint halves, nothing seen twice
@@ -105,8 +106,8 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
     config = load_config(None, [f"data.path={tmp_path / 'data'}", "data.resolution=32"])
     from ldm_app.testing import tiny_components
     c = tiny_components()
-    encoded = build_encoded_dataset(load_image_dataset(config.data), config.data, c["vae"], c["tokenizer"],
-                                    c["text_encoder"], progress=False)
+    encoded = build_encoded_dataset(load_image_dataset(config.data), config.data,
+                                    Encoders(c["vae"], c["tokenizer"], c["text_encoder"]), progress=False)
     assert len(encoded) == 6 and encoded.skipped == 2
 
 
@@ -292,8 +293,9 @@ def test_uncached_runs_stream_or_use_loader_workers(inputs, tmp_path, extra, cap
     assert ckpt.is_dir() and not (out / "cache").exists()
     # 12 examples from 8 good images: a whole pass, so both bad files came up and were counted
     assert int(re.search(r"(\d+) undecodable images skipped", capsys.readouterr().out).group(1)) >= 2
-    # the export carries the EMA weights (custom state 0 is the LR scheduler, 1 the EMA)
-    ema = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)["shadow_params"]
+    # the export carries the EMA weights
+    shadow = load_file(ckpt / "ema.safetensors")
+    ema = [shadow[str(i)] for i in range(len(shadow))]
     exported = list(pipe.unet.parameters())
     assert len(exported) == len(ema)
     for a, b in zip(exported, ema):
@@ -321,11 +323,11 @@ def test_cache_is_reused_until_data_preprocessing_or_an_encoder_changes(inputs, 
     c = tiny_components()
 
     def key(cfg, text_encoder=c["text_encoder"]):
-        return cache_key(load_image_dataset(cfg.data), cfg.data, c["vae"], c["tokenizer"], text_encoder)
+        return cache_key(load_image_dataset(cfg.data), cfg.data, Encoders(c["vae"], c["tokenizer"], text_encoder))
 
     def build():
-        return build_encoded_dataset(load_image_dataset(config.data), config.data, c["vae"], c["tokenizer"],
-                                     c["text_encoder"], progress=False)
+        return build_encoded_dataset(load_image_dataset(config.data), config.data,
+                                     Encoders(c["vae"], c["tokenizer"], c["text_encoder"]), progress=False)
 
     def fail():
         raise AssertionError("rebuilt although nothing changed")

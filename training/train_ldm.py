@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from ldm_app.config import load_config
-from ldm_app.trainer import TrainingError, train
+from ldm_app.extras import require_extra
 
 
 def main() -> int:
@@ -17,6 +17,13 @@ def main() -> int:
     parser.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=64")
     args = parser.parse_args()
+    try:
+        require_extra("train")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from ldm_app.trainer import TrainingError, train
+
     try:
         pipeline = train(load_config(args.config, args.overrides))
     except (ValueError, OSError, yaml.YAMLError, TrainingError) as err:

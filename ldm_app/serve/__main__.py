@@ -38,13 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         api_key = args.api_key or os.environ.get("LDM_APP_API_KEY")  # not a default: --help would print it
         run_server(args.model, args.loras, args.host, args.port, api_key, args.insecure, args.device,
                    args.dtype, args.max_queue, args.max_batch, args.lora_dir, limits, not args.no_ui)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    except Exception as err:  # click's UserError from the model loader: one line, exit 2
-        if hasattr(err, "format_message"):
-            print(f"error: {err.format_message()}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    except ValueError as err:  # bad flags, a model or LoRA that cannot be loaded: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

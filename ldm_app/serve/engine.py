@@ -87,11 +87,12 @@ class Engine:
     @classmethod
     def load(cls, model: str, loras: list[str], lora_dir: str | None, device: str, dtype: str) -> "Engine":
         """The model and LoRAs the server offers; requests choose among these and can name no other file."""
-        from ..cli import DTYPES, load_pipeline, model_record, parse_lora, pick_device, pick_dtype  # moving to the library
+        from ..loading import dtype_name, load_pipeline, model_record, parse_lora, pick_device, pick_dtype
 
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
-        pipe = load_pipeline(model, dev, torch_dtype, quiet=True)
+        pipe = load_pipeline(model, dev, torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
         specs = [parse_lora(spec) for spec in loras]
         if lora_dir is not None:
             folder = Path(lora_dir).expanduser()
@@ -107,8 +108,7 @@ class Engine:
             except (ValueError, OSError, RuntimeError) as err:
                 raise ValueError(f"Cannot load LoRA {path}: {str(err).strip().splitlines()[0][:300]}") from None
             loaded[name] = LoadedLora(str(Path(path).expanduser().resolve()), scale)
-        dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-        return cls(pipe, model_record(model), dtype_name, loaded)  # as --from will need it: absolute folders
+        return cls(pipe, model_record(model), dtype_name(torch_dtype), loaded)  # as --from will need it: absolute folders
 
     # ------------------------------------------------------------------------------------------------------
     # What requests may ask for

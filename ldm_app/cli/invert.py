@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import PIL.Image
-import torch
 
-from .atomic import atomic_write
-from .cli import DEFAULT_MODEL, UserError, app, load_pipeline, model_record, pick_device
-from .images import decode_image
-from .evaluation import psnr, unit_tensor
-from .inversion import METHODS, Inversion, edit, invert, prepare_image, vae_round_trip
-from .pipeline import LdmPipeline
+from ..loading import DEFAULT_MODEL
+from .common import (UserError, device_option, finite, model_option, notes,
+                     quiet_option, utf8_text, variant_option)
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from ..inversion import Inversion
+    from ..pipeline import LdmPipeline
+
+METHODS = ["ddim", "null-text", "negative-prompt"]  # ldm_app.inversion.METHODS, without importing torch here
 
 INVERT_EXAMPLES = """
 
@@ -43,12 +47,12 @@ METHOD_HELP = ("ddim: plain DDIM inversion (exact only at guidance 1); null-text
 
 def read_image(path: Path) -> PIL.Image.Image:
     """The image at `path` as RGB with EXIF orientation applied, or a one-line error."""
-    if not path.is_file():
-        raise UserError(f"IMAGE {path}: no such file; pass an image file (PNG, JPEG, WebP, ...).")
-    image = decode_image({"path": str(path), "bytes": None})
-    if image is None:
-        raise UserError(f"IMAGE {path} cannot be read as an image; pass a PNG, JPEG, WebP, ... file.")
-    return image
+    from ..images import read_image as read
+
+    try:
+        return read(path)
+    except ValueError as err:
+        raise UserError(f"IMAGE {err}") from None
 
 
 def check_output(path: Path | None, overwrite: bool) -> None:
@@ -62,18 +66,19 @@ def check_output(path: Path | None, overwrite: bool) -> None:
 
 
 def write_png(image: PIL.Image.Image, path: Path) -> None:
+    from ..atomic import atomic_write
+
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
 
 
 def run_inversion(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method: str, steps: int,
                   guidance: float | None, inner_steps: int, note: Callable[[str], None]) -> Inversion:
-    """`inversion.invert` with library errors as one-line user errors, and a note when the image was resized."""
+    """`inversion.invert`, with a note when the image was resized."""
+    from ..inversion import invert
+
     extra = {"num_inner_steps": inner_steps} if method == "null-text" else {}
-    try:
-        inversion = invert(pipe, image, prompt, method, steps, guidance, **extra)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    inversion = invert(pipe, image, prompt, method, steps, guidance, **extra)
     if inversion.original_size is not None:
         w, h = inversion.original_size
         note(f"note: the {w}x{h} image was resized and center-cropped to the model's {pipe.default_size}x"
@@ -81,32 +86,40 @@ def run_inversion(pipe: LdmPipeline, image: PIL.Image.Image, prompt: str, method
     return inversion
 
 
-@app.command("invert", epilog=INVERT_EXAMPLES)
+@click.command("invert", epilog=INVERT_EXAMPLES)
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--prompt", required=True, help="A caption of the image: the source prompt it is inverted with.")
+@click.option("--prompt", required=True, callback=utf8_text, help="A caption of the image: the source prompt it is inverted with.")
 @click.option("--method", type=click.Choice(METHODS), default="negative-prompt", help=METHOD_HELP)
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="DDIM steps.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite,
               help="Guidance scale w that reconstruction and edits sample with.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
-@click.option("--model", default=DEFAULT_MODEL, help="Pipeline folder or hub id ('default' = the embedded model).")
+@model_option()
+@variant_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("inversion.safetensors"),
               help="Where the inversion goes (for ldm-app edit --inversion).")
 @click.option("--reconstruction", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the reconstruction sampled back from x_T as this PNG.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@device_option
+@quiet_option()
 def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: float | None, inner_steps: int,
-                   model: str, output: Path, reconstruction: Path | None, overwrite: bool, device: str,
-                   quiet: bool) -> None:
+                   model: str, variant: str | None, output: Path, reconstruction: Path | None, overwrite: bool,
+                   device: str, quiet: bool) -> None:
     """Invert IMAGE into the model's noise x_T, save it, and print how well it reconstructs (PSNR)."""
-    note = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    import torch
+
+    from ..evaluation import psnr, unit_tensor
+    from ..inversion import prepare_image, vae_round_trip
+    from ..loading import load_pipeline, model_record, pick_device
+
+    note = notes(quiet)
     # 1. Inputs and outputs, all checked before any work
     picture = read_image(image)
     check_output(output, overwrite)
     check_output(reconstruction, overwrite)
-    pipe = load_pipeline(model, pick_device(device), torch.float32, quiet)  # fp32: inversion amplifies rounding
+    pipe = load_pipeline(model, pick_device(device), torch.float32, variant)  # fp32: inversion amplifies rounding
+    pipe.set_progress_bar_config(disable=quiet, leave=False)
 
     # 2. Invert, then write the inversion and the reconstruction
     inversion = run_inversion(pipe, picture, prompt, method, steps, guidance, inner_steps, note)
@@ -126,10 +139,10 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
     click.echo(f"PSNR VAE round trip vs input (the ceiling): {psnr(vae_only, target).item():.2f} dB")
 
 
-@app.command("edit", epilog=EDIT_EXAMPLES)
+@click.command("edit", epilog=EDIT_EXAMPLES)
 @click.argument("image", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--source-prompt", default=None, help="A caption of IMAGE (with --inversion it comes from the file).")
-@click.option("--target-prompt", required=True, help="The edited caption, e.g. the source prompt with a word swapped.")
+@click.option("--source-prompt", default=None, callback=utf8_text, help="A caption of IMAGE (with --inversion it comes from the file).")
+@click.option("--target-prompt", required=True, callback=utf8_text, help="The edited caption, e.g. the source prompt with a word swapped.")
 @click.option("--inversion", "inversion_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Edit from a file written by ldm-app invert instead of IMAGE.")
 @click.option("--method", type=click.Choice(METHODS), default="negative-prompt", help=METHOD_HELP)
@@ -138,24 +151,29 @@ def invert_command(image: Path, prompt: str, method: str, steps: int, guidance: 
 @click.option("--self-attention-steps", type=click.FloatRange(0, 1), default=0.4,
               help="Prompt-to-Prompt: fraction of steps in which it reuses the source's self-attention maps.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="DDIM steps.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite,
               help="Guidance scale w.  [default: 1 for ddim, 5 otherwise]")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, help="null-text: Adam steps per DDIM step.")
-@click.option("--model", default=DEFAULT_MODEL,
-              help="Pipeline folder or hub id ('default' = the embedded model; with --inversion: the one it was "
-                   "made with).")
+@model_option("Pipeline folder or hub id ('default' = the embedded model; with --inversion: the one it was made "
+              "with).")
+@variant_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("edited.png"),
               help="The edited image (PNG).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@device_option
+@quiet_option()
 @click.pass_context
 def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | None, target_prompt: str,
                  inversion_file: Path | None, method: str, cross_attention_steps: float, self_attention_steps: float,
-                 steps: int, guidance: float | None, inner_steps: int, model: str, output: Path, overwrite: bool,
-                 device: str, quiet: bool) -> None:
+                 steps: int, guidance: float | None, inner_steps: int, model: str, variant: str | None, output: Path,
+                 overwrite: bool, device: str, quiet: bool) -> None:
     """Edit IMAGE (or a saved inversion) by regenerating it with --target-prompt, keeping its layout."""
-    note = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    import torch
+
+    from ..inversion import Inversion, edit
+    from ..loading import load_pipeline, pick_device
+
+    note = notes(quiet)
     # 1. Inputs: either IMAGE + --source-prompt, or --inversion (which fixes prompt, method, steps and guidance)
     given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}
     if inversion_file is not None:
@@ -167,12 +185,13 @@ def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | No
             raise UserError(f"{option} is stored in the inversion file; leave it out with --inversion.")
         if not inversion_file.is_file():
             raise UserError(f"--inversion {inversion_file}: no such file; pass a file written by ldm-app invert.")
-        try:
-            inversion = Inversion.load(inversion_file)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        if "model" not in given and inversion.model:
-            model = inversion.model
+        inversion = Inversion.load(inversion_file)
+        if "model" not in given and inversion.model:  # a folder on this machine or the default, never a hub id
+            if inversion.model == DEFAULT_MODEL or Path(inversion.model).expanduser().is_dir():
+                model = inversion.model
+            else:
+                note(f"note: the inversion was made with {inversion.model!r}, which is not a model folder on this "
+                     f"machine; using {model!r} (pass --model {inversion.model} to load that one)")
     elif image is None:
         raise UserError("No IMAGE given; pass an image and --source-prompt, or --inversion FILE from ldm-app invert.")
     elif source_prompt is None:
@@ -180,14 +199,12 @@ def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | No
     else:
         picture = read_image(image)
     check_output(output, overwrite)
-    pipe = load_pipeline(model, pick_device(device), torch.float32, quiet)
+    pipe = load_pipeline(model, pick_device(device), torch.float32, variant)
+    pipe.set_progress_bar_config(disable=quiet, leave=False)
 
     # 2. Invert (unless loaded), then sample with the target prompt
     if inversion_file is None:
         inversion = run_inversion(pipe, picture, source_prompt, method, steps, guidance, inner_steps, note)
-    try:
-        edited = edit(pipe, inversion, target_prompt, cross_attention_steps, self_attention_steps)[0]
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    edited = edit(pipe, inversion, target_prompt, cross_attention_steps, self_attention_steps)[0]
     write_png(edited, output)
     click.echo(str(output))

@@ -1,0 +1,137 @@
+"""Choosing a device and dtype and loading a model by the name a user gives (`default`, a folder, a hub id),
+with errors that say what to pass instead. The CLI, the fine-tuning entry point and the server share it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and the pipeline are imported when a model is loaded: `ldm-app --help` stays fast
+    import torch
+
+    from .pipeline import LdmPipeline
+
+DEFAULT_MODEL = "default"  # the embedded model that ships inside the package
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names users type → torch dtype names
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto`: CUDA, then Apple's MPS, then the CPU."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu or auto.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps but MPS is not available; use --device cpu or auto.")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 on CUDA (half the memory, tensor cores), fp32 elsewhere (CPUs gain nothing from halves)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, DTYPES[dtype])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float16` → "fp16", as written into outputs."""
+    return next(name for name, torch_name in DTYPES.items() if str(dtype) == f"torch.{torch_name}")
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a model or LoRA reference means a local path rather than a hub id (`owner/name`)."""
+    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+
+
+def model_record(model: str) -> str:
+    """How a model is written into outputs for later reuse: local folders as absolute paths (so `--from` and
+    `edit --inversion` work from any directory), hub ids and 'default' as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != DEFAULT_MODEL and path.exists() else model
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant: str | None = None) -> LdmPipeline:
+    """The embedded default model, a pipeline folder (its `variant` weights, e.g. fp16), a single-file SD-1.x
+    checkpoint or a hub id, on `device` in `dtype`."""
+    import torch
+    from diffusers.utils import logging as dlogging
+    from safetensors import SafetensorError
+    from transformers.utils import logging as tlogging
+
+    from .pipeline import cast_quietly
+    from .single_file import load_model
+
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+    path = Path(model).expanduser()
+    if model != DEFAULT_MODEL and looks_local(model) and not path.exists():
+        raise ValueError(f"Model folder {model} does not exist; pass a pipeline folder or a hub id "
+                         "(or leave --model out for the default model).")
+    try:
+        pipe = load_model(str(path) if path.exists() else model, variant=variant)
+        missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if getattr(pipe, name, None) is None]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)} in it")
+        if pipe.tokenizer.model_max_length > pipe.text_encoder.config.max_position_embeddings:
+            raise ValueError("its tokenizer is missing or incomplete (tokenizer/ needs vocab.json, merges.txt and "
+                             "tokenizer_config.json)")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if path.is_file():  # the single-file loader's errors already say what is supported
+            raise ValueError(f"Cannot load model {model!r}: {reason[:300]}") from None
+        raise ValueError(f"Cannot load model {model!r}: {reason[:300].rstrip('.')}. Check that it is a complete "
+                         "pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from None
+    pipe = pipe.to(device)
+    if pipe.unet.dtype != dtype:
+        pipe = cast_quietly(pipe, dtype)
+    if device.type == "cpu":
+        pipe.unet.to(memory_format=torch.channels_last)  # measured +22 % sampling speed on CPU
+    return pipe
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """PATH or PATH:SCALE (a trailing number after the last colon is the scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if not sep or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        if Path(path).expanduser().exists():
+            raise ValueError(f"--lora {spec}: the scale {scale!r} is not a number; pass PATH:SCALE, e.g. "
+                             f"{path}:0.8.") from None
+        return spec, 1.0
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {spec}: the scale {scale!r} is not a finite number; pass e.g. {path}:0.8.")
+    return path, value
+
+
+def apply_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> None:
+    """Load each LoRA as its own adapter and activate them all with their scales."""
+    names, scales = [], []
+    for i, spec in enumerate(specs):
+        path, scale = parse_lora(spec)
+        local = Path(path).expanduser()
+        if not local.exists() and (path.endswith(".safetensors") or looks_local(path)):
+            raise ValueError(f"--lora {path}: no such file or folder; pass a LoRA .safetensors file, a folder with "
+                             "one, or a hub id.")
+        try:
+            pipe.load_lora_weights(str(local) if local.exists() else path, adapter_name=f"lora_{i}")
+        except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: tensor shapes of another model
+            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ValueError(f"Cannot load LoRA {path}: {reason.rstrip('.')}. Was it made for this model?") from None
+        names.append(f"lora_{i}")
+        scales.append(scale)
+    if names:
+        pipe.set_adapters(names, scales)
