@@ -21,7 +21,7 @@ def create_app(engine, settings: Settings | None = None):  # noqa: ANN001,ANN201
 def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), host: str = "127.0.0.1",
                port: int = 7860, api_key: str | None = None, insecure: bool = False, device: str = "auto",
                dtype: str = "auto", max_queue: int = 32, max_batch: int = 16, lora_dir: str | None = None,
-               limits: Limits | None = None, ui: bool = True) -> None:
+               limits: Limits | None = None, ui: bool = True, variant: str | None = None) -> None:
     """Load the model and LoRAs, then serve until interrupted. Raises ValueError (before loading anything) for
     a non-loopback `host` without `api_key` unless `insecure`, and for bad settings."""
     check_bind(host, api_key, insecure)
@@ -35,7 +35,7 @@ def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), 
 
     settings = Settings(api_key=api_key, max_queue=max_queue, max_batch=max_batch, ui=ui,
                         limits=limits or Limits())
-    engine = Engine.load(model, list(loras), lora_dir, device, dtype)
+    engine = Engine.load(model, list(loras), lora_dir, device, dtype, variant)
     app = _create_app(engine, settings)
     print(f"ldm-app serve: http://{host}:{port}/ (UI), /sdapi/v1 (A1111), /v1/images (OpenAI)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ldm_app.serve", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help="Pipeline folder or hub id ('default' = the embedded model).")
+    p.add_argument("--variant", default=None, metavar="NAME", help="Load a folder's *.NAME.safetensors, e.g. fp16.")
     p.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA applied by default at SCALE; requests may rescale it by name (repeatable).")
     p.add_argument("--lora-dir", default=None, help="Folder of LoRAs requests may choose by name (scale 0 unless asked).")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
                         max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars)
         api_key = args.api_key or os.environ.get("LDM_APP_API_KEY")  # not a default: --help would print it
         run_server(args.model, args.loras, args.host, args.port, api_key, args.insecure, args.device,
-                   args.dtype, args.max_queue, args.max_batch, args.lora_dir, limits, not args.no_ui)
+                   args.dtype, args.max_queue, args.max_batch, args.lora_dir, limits, not args.no_ui, args.variant)
     except ValueError as err:  # bad flags, a model or LoRA that cannot be loaded: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

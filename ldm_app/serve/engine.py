@@ -85,13 +85,14 @@ class Engine:
     # Loading
 
     @classmethod
-    def load(cls, model: str, loras: list[str], lora_dir: str | None, device: str, dtype: str) -> "Engine":
+    def load(cls, model: str, loras: list[str], lora_dir: str | None, device: str, dtype: str,
+             variant: str | None = None) -> "Engine":
         """The model and LoRAs the server offers; requests choose among these and can name no other file."""
         from ..loading import dtype_name, load_pipeline, model_record, parse_lora, pick_device, pick_dtype
 
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
-        pipe = load_pipeline(model, dev, torch_dtype)
+        pipe = load_pipeline(model, dev, torch_dtype, variant)
         pipe.set_progress_bar_config(disable=True)
         specs = [parse_lora(spec) for spec in loras]
         if lora_dir is not None:
