@@ -19,7 +19,8 @@ class Limits:
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}; request limits are positive integers.")
+                raise ValueError(f"{name}={value!r}: request limits are positive integers; pass at least 1 to its "
+                                 "--max-* flag.")
 
 
 @dataclass
