@@ -219,3 +219,21 @@ def test_every_a1111_sampler_name_resolves_to_one_of_ours():
         if label.endswith(" Karras"):  # A1111 1.9+ sends the schedule type apart
             assert engine.resolve_sampler(label.removesuffix(" Karras"), "Karras") == ours
     assert engine.resolve_sampler("DDIM") == "ddim"
+
+
+def test_openai_edits_repaints_only_the_transparent_pixels(client):
+    """No mask: the image's own transparent pixels are the area to repaint (OpenAI's rule); the rest is kept."""
+    if not client.app.state.engine.supports_image_input:
+        pytest.skip("this ldm-app's LdmPipeline has no image=/strength=/mask_image= yet")
+    image = PIL.Image.new("RGBA", (32, 32), (200, 40, 40, 255))
+    image.paste((0, 0, 0, 0), (8, 8, 24, 24))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    r = client.post("/v1/images/edits", files={"image": ("in.png", buffer.getvalue(), "image/png")},
+                    data={"prompt": "a blue dog", "size": "32x32", "steps": "2", "seed": "1"})
+    assert r.status_code == 200, r.text
+    out = np.asarray(decode(r.json()["data"][0]["b64_json"]).convert("RGB")).astype(int)
+    outside = np.ones((32, 32), dtype=bool)
+    outside[8:24, 8:24] = False
+    assert (out[outside] == [200, 40, 40]).all()  # pasted back exactly
+    assert np.abs(out[~outside] - [200, 40, 40]).mean() > 5  # repainted

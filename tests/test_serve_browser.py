@@ -6,8 +6,10 @@ so the page first asks for it.
 Skipped only where chromium is missing and CI is not set; in CI a missing browser fails the test."""
 
 import io
+import json
 import os
 import re
+import urllib.request
 import shutil
 from pathlib import Path
 
@@ -81,6 +83,11 @@ def test_generate_in_the_browser(browser, server, tmp_path):
     assert pixels.std() > 20, "the generated image looks blank"
     seed = browser.find_element(By.CSS_SELECTOR, "#last-seed input").get_attribute("value")
     assert seed and int(seed) >= 0  # the seed is shown after the run
+    cookie = "; ".join(f"{c['name']}={c['value']}" for c in browser.get_cookies())  # the login's session
+    with urllib.request.urlopen(urllib.request.Request(image.get_attribute("src"), headers={"Cookie": cookie})) as r:
+        download = PIL.Image.open(io.BytesIO(r.read()))
+    assert download.format == "PNG" and json.loads(download.info["ldm-app"])["seed"] == int(seed)  # metadata kept
+    assert download.info["parameters"].startswith("a red heart")
     browser.find_element(By.CSS_SELECTOR, "button#reuse-seed").click()
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value") == seed)
 
