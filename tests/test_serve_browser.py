@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import time
 import urllib.request
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
@@ -115,3 +117,24 @@ def test_generate_in_the_browser(browser, server, tmp_path):
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value") == "a blue star")
     assert browser.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value") == "4242"
     assert browser.find_element(By.CSS_SELECTOR, "button#generate").is_displayed()  # back on text to image
+
+    # Inpaint: upload a picture, paint a stroke in the browser, repaint under it; the corners stay as they were
+    PIL.Image.new("RGB", (64, 64), (40, 60, 220)).save(tmp_path / "blue.png")
+    relayout.until(lambda d: next((b for b in d.find_elements(By.XPATH, "//button[normalize-space()='Inpaint']")
+                                   if b.is_displayed()), None)).click()
+    browser.find_element(By.CSS_SELECTOR, "#inpaint-editor input[type=file]").send_keys(str(tmp_path / "blue.png"))
+    canvas = wait.until(lambda d: next((c for c in d.find_elements(By.CSS_SELECTOR, "#inpaint-editor canvas")
+                                        if c.is_displayed()), None))
+    time.sleep(1)  # the editor draws the uploaded image
+    ActionChains(browser).move_to_element_with_offset(canvas, -10, -10).click_and_hold().move_by_offset(20, 0) \
+        .move_by_offset(0, 20).move_by_offset(-20, 0).release().perform()
+    before = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    browser.find_element(By.CSS_SELECTOR, "button#generate-inpaint").click()  # 8 images: the count is still 8
+    WebDriverWait(browser, 90, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src") != before)
+    src = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    with urllib.request.urlopen(urllib.request.Request(src, headers={"Cookie": cookie})) as r:
+        inpainted = np.asarray(PIL.Image.open(io.BytesIO(r.read())).convert("RGB")).astype(int)
+    assert (inpainted[0, 0] == [40, 60, 220]).all() and (inpainted[-1, -1] == [40, 60, 220]).all()
+    assert np.abs(inpainted[32, 32] - [40, 60, 220]).sum() > 30  # the painted middle was repainted
+    browser.save_screenshot(str(shot.with_name("serve-browser-inpaint.png")))

@@ -158,7 +158,7 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any, outputs: Path) -> gr.
             with gr.Tab("Inpaint", id="inpaint"):
                 editor = gr.ImageEditor(label="Paint over what to repaint", type="pil", image_mode="RGBA",
                                         sources=["upload", "clipboard"], layers=False, transforms=(),
-                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="inpaint-editor")
                 inpaint_button = gr.Button("Inpaint", variant="primary", elem_id="generate-inpaint")
             with gr.Tab("Invert & edit", id="edit"):
                 edit_image = gr.Image(label="Real image", type="pil", image_mode="RGB", sources=["upload", "clipboard"])
