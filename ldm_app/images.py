@@ -3,6 +3,7 @@ crop to a square tensor in [-1, 1]. Training, inference, inversion and the CLI a
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,12 @@ def read_image(path: str | Path) -> PIL.Image.Image:
     if image is None:
         raise ValueError(f"{path} cannot be read as an image; pass a PNG, JPEG, WebP, ... file.")
     return image
+
+
+def file_sha256(path: str | Path, digits: int = 16) -> str:
+    """The start of a file's SHA-256: names an input image in PNG metadata, so a later run can tell it changed."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:digits]
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -4,7 +4,6 @@ with errors that say what to pass instead. The CLI, the fine-tuning entry point 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,37 +99,24 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant:
     return pipe
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """PATH or PATH:SCALE (a trailing number after the last colon is the scale)."""
-    path, sep, scale = spec.rpartition(":")
-    if not sep or Path(spec).expanduser().exists():
-        return spec, 1.0
-    try:
-        value = float(scale)
-    except ValueError:
-        if Path(path).expanduser().exists():
-            raise ValueError(f"--lora {spec}: the scale {scale!r} is not a number; pass PATH:SCALE, e.g. "
-                             f"{path}:0.8.") from None
-        return spec, 1.0
-    if not math.isfinite(value):
-        raise ValueError(f"--lora {spec}: the scale {scale!r} is not a finite number; pass e.g. {path}:0.8.")
-    return path, value
-
-
 def apply_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> None:
     """Load each LoRA as its own adapter and activate them all with their scales."""
+    from .lora import split_lora_spec
+
     names, scales = [], []
     for i, spec in enumerate(specs):
-        path, scale = parse_lora(spec)
+        path, scale = split_lora_spec(spec)
         local = Path(path).expanduser()
         if not local.exists() and (path.endswith(".safetensors") or looks_local(path)):
             raise ValueError(f"--lora {path}: no such file or folder; pass a LoRA .safetensors file, a folder with "
                              "one, or a hub id.")
         try:
             pipe.load_lora_weights(str(local) if local.exists() else path, adapter_name=f"lora_{i}")
-        except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: tensor shapes of another model
+        except (ValueError, OSError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise ValueError(f"Cannot load LoRA {path}: {reason.rstrip('.')}. Was it made for this model?") from None
+            question = " Was it made for this model?" if isinstance(err, RuntimeError) or "matches no module" in reason \
+                else ""  # RuntimeError: tensor shapes of another model
+            raise ValueError(f"Cannot load LoRA {path}: {reason.rstrip('.')}.{question}") from None
         names.append(f"lora_{i}")
         scales.append(scale)
     if names:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .images import decode_image
-from .lora import from_kohya, is_kohya, load_text_encoder_lora, read_lora_file
+from .lora import from_kohya, is_kohya, load_text_encoder_lora, quiet_lora_loading, read_lora_file
 from .samplers import max_inference_steps
 from .unet import LdmUNet
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+MAX_SIZE = 4096  # pixels per side: far past any SD-1.x model, and still a bounded amount of memory
 _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only")
 OutputType = Literal["pil", "np", "pt", "latent"]
 ImageInput = PIL.Image.Image | list[PIL.Image.Image]
@@ -154,7 +156,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             source = {k: v for k, v in source.items() if not k.startswith(prefix)}
             if not source:
                 return
-        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+        with quiet_lora_loading(isinstance(source, dict)):  # a dict's text-encoder part was applied above
+            super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # Stages
@@ -175,15 +178,21 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             n = len(prompt) if isinstance(prompt, list) else 1
             raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts; pass one negative prompt per "
                              "prompt, or a single string for all.")
+        factor = self.vae_scale_factor
         for name, size in (("height", height), ("width", width)):
-            if size <= 0 or size % self.vae_scale_factor:
-                raise ValueError(f"{name}={size} is not a positive multiple of the VAE factor {self.vae_scale_factor}; "
-                                 f"use e.g. {max(self.vae_scale_factor, size // self.vae_scale_factor * self.vae_scale_factor)}.")
+            if size <= 0 or size % factor:
+                raise ValueError(f"{name}={size} is not a positive multiple of the VAE factor {factor}; "
+                                 f"use e.g. {max(factor, size // factor * factor)}.")
+            if size > MAX_SIZE:
+                raise ValueError(f"{name}={size} is too large (max {MAX_SIZE}); this model's native size is "
+                                 f"{self.default_size}.")
         limit = max_inference_steps(self.scheduler.config)
         if not 1 <= num_inference_steps <= limit:
-            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to {limit} steps (25–50 is typical).")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (1 = no guidance, 5 is typical).")
+            raise ValueError(f"num_inference_steps={num_inference_steps}: this model's noise schedule allows 1 to "
+                             f"{limit} steps; use at most {limit} (25–50 is typical).")
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale={guidance_scale}; use a finite number ≥ 0 (1 = no guidance, 5 is "
+                             "typical).")
 
     @property
     def is_inpainting_unet(self) -> bool:

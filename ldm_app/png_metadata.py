@@ -1,67 +1,146 @@
-"""Generation parameters carried inside each PNG: an A1111-style `parameters` text chunk (read by most
-image tools) and a JSON chunk (`ldm-app`) that `ldm-app generate --from` reads back exactly."""
+"""Generation parameters carried inside each PNG: A1111's `parameters` text chunk (read by A1111, ComfyUI,
+Civitai and most image tools) and a JSON chunk (`ldm-app`) that `ldm-app generate --from` reads back exactly.
+
+The `parameters` text is what A1111's `create_infotext` writes and its `parse_generation_parameters` reads:
+
+    a cat <lora:style:0.8>
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0, Seed: 7, Size: 64x64, Model: default,
+    RNG: CPU, Lora hashes: "style: 0123456789ab"
+
+(the last two lines are one). Values holding a comma, colon or newline are JSON-quoted, as A1111's `quote()`
+does. LoRAs go into the prompt in A1111's own syntax, and the noise is drawn on the CPU (`RNG: CPU`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import PIL.PngImagePlugin
 
 from .atomic import atomic_write
-from .samplers import SAMPLERS
+from .loading import DTYPES
+from .lora import lora_short_hash, lora_tag, split_lora_spec
+from .samplers import SAMPLERS, sampler_from_a1111
 
 JSON_KEY = "ldm-app"
+A1111_KEY = "parameters"
+DTYPE_NAMES = ("auto", *DTYPES)  # the CLI's --dtype choices
+MAX_SEED = 2**63 - 1  # the CLI's --seed range
+A1111_SAMPLER_FALLBACK = "ddim"  # used when an A1111 PNG names a sampler we do not have (reported as ignored)
 
 
 @dataclass
 class GenerationParams:
-    prompt: str
+    prompt: str  # the text prompt, without <lora:…> tags for the LoRAs in `loras`
     negative_prompt: str
     steps: int
     guidance: float
-    eta: float
-    sampler: str
+    eta: float  # DDIM's η (other samplers ignore it)
+    sampler: str  # a key of SAMPLERS
     seed: int
     width: int
     height: int
-    model: str
+    model: str  # "default", a pipeline folder or a hub id
     dtype: str = "auto"
-    loras: list[str] = dataclasses.field(default_factory=list)
+    loras: list[str] = dataclasses.field(default_factory=list)  # "PATH[:SCALE]", as --lora takes them
+    strength: float | None = None  # image-to-image / inpainting: the fraction of the schedule that redrew the input
+    image: str | None = None  # the input image (absolute path), and the start of its file's SHA-256
+    image_sha256: str | None = None
+    mask: str | None = None  # the inpainting mask (absolute path), and the start of its file's SHA-256
+    mask_sha256: str | None = None
+    paste_back: bool = True  # inpainting: the input's pixels pasted back outside the mask
+    mask_feather: int | None = None  # inpainting: the paste-back's feather in pixels (None: the VAE factor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def quote(value: Any) -> str:
+    """A1111's quoting: a value with a comma, colon or newline becomes a JSON string, others stay as they are."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def lora_name(path: str) -> str:
+    """The name a LoRA has in `<lora:name:…>`: its file name without `.safetensors`, or its folder's name."""
+    p = Path(path)
+    return p.stem if p.suffix == ".safetensors" else p.name
 
 
 def a1111_text(p: GenerationParams) -> str:
-    """The `parameters` text A1111's web UI writes: prompt, negative prompt, then `Key: value` pairs."""
-    label = SAMPLERS[p.sampler][2] if p.sampler in SAMPLERS else p.sampler
-    fields = [f"Steps: {p.steps}", f"Sampler: {label}", f"CFG scale: {p.guidance}", f"Seed: {p.seed}",
-              f"Size: {p.width}x{p.height}", f"Model: {p.model}", f"Eta: {p.eta}"]
-    if p.loras:
-        fields.append(f"Lora: {', '.join(p.loras)}")
-    return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n{', '.join(fields)}"
+    """The `parameters` text A1111 writes: prompt (with `<lora:name:weight>` tags), negative prompt, then
+    `Key: value` pairs in A1111's order and spelling."""
+    sampler = SAMPLERS.get(p.sampler)
+    loras = [split_lora_spec(spec) for spec in p.loras]
+    hashes = {lora_name(path).replace(":", "").replace(",", ""): lora_short_hash(path) for path, _ in loras}
+    prompt = p.prompt + "".join(" " + lora_tag(lora_name(path), scale) for path, scale in loras)
+    fields = {
+        "Steps": p.steps,
+        "Sampler": sampler.a1111 if sampler else p.sampler,
+        "Schedule type": "Karras" if sampler and sampler.karras else None,
+        "CFG scale": p.guidance,
+        "Seed": p.seed,
+        "Size": f"{p.width}x{p.height}",
+        "Model": p.model,
+        "Denoising strength": p.strength,
+        # A1111 reads DDIM's η as `Eta DDIM`; DDPM is written as DDIM at η = 1 (see samplers.py)
+        "Eta DDIM": p.eta if p.sampler == "ddim" else 1.0 if p.sampler == "ddpm" else None,
+        "RNG": "CPU",  # every image's noise comes from a CPU generator (same image on any device)
+        "Lora hashes": ", ".join(f"{name}: {h}" for name, h in hashes.items() if h) or None,
+    }
+    line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None)
+    return f"{prompt}\nNegative prompt: {p.negative_prompt}\n{line}"
 
 
 def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> None:
     """Write the PNG with both metadata chunks, atomically (a temp file in the same folder, then rename)."""
     info = PIL.PngImagePlugin.PngInfo()
-    info.add_text("parameters", a1111_text(params))
+    info.add_text(A1111_KEY, a1111_text(params))
     info.add_text(JSON_KEY, json.dumps(dataclasses.asdict(params)))
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
 def read_params(path: str | os.PathLike) -> GenerationParams:
-    """The parameters an ldm-app PNG was made with."""
+    """The parameters a PNG was made with (ldm-app's, or A1111's); see `read_png` for the ignored fields."""
+    return read_png(path)[0]
+
+
+def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
+    """The parameters a PNG was made with, and the `Key: value` fields of an A1111 PNG that ldm-app cannot use.
+
+    ldm-app's own JSON chunk wins; otherwise A1111's `parameters` text is read (see `parse_a1111`). Every value
+    is checked as the command line checks it, so a damaged or hand-edited file is a ValueError that says so.
+    """
     try:
         with PIL.Image.open(path) as image:
-            raw = image.info.get(JSON_KEY)
+            info = dict(image.info)
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot read {path} as an image ({err}); pass a PNG written by ldm-app generate.") from None
-    if raw is None:
-        raise ValueError(f"{path} carries no ldm-app parameters; pass a PNG written by ldm-app generate.")
+    if JSON_KEY in info:
+        return params_from_json(info[JSON_KEY], str(path)), []
+    if isinstance(info.get(A1111_KEY), str):
+        return parse_a1111(info[A1111_KEY], str(path))
+    raise ValueError(f"{path} carries no generation parameters (neither ldm-app's nor A1111's); pass a PNG written "
+                     "by ldm-app generate or A1111.")
+
+
+def params_from_json(raw: str, source: str) -> GenerationParams:
+    """ldm-app's JSON chunk → checked GenerationParams."""
     try:
         stored = json.loads(raw)
     except json.JSONDecodeError:
@@ -70,6 +149,114 @@ def read_params(path: str | os.PathLike) -> GenerationParams:
     required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if not isinstance(stored, dict) or name not in stored]
     if missing:
-        raise ValueError(f"{path}'s ldm-app parameters are damaged (missing {', '.join(missing)}); "
+        raise ValueError(f"{source}'s ldm-app parameters are damaged (missing {', '.join(missing)}); "
                          "pass a PNG written by ldm-app generate.")
-    return GenerationParams(**{f.name: stored[f.name] for f in fields if f.name in stored})
+    return checked(GenerationParams(**{f.name: stored[f.name] for f in fields if f.name in stored}), source)
+
+
+def checked(p: GenerationParams, source: str) -> GenerationParams:
+    """`p` if every value is one the command line would accept; otherwise a ValueError naming the first bad one."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def integer(x: Any, low: int, high: int | None = None) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and low <= x and (high is None or x <= high)
+
+    rules = [
+        ("prompt", isinstance(p.prompt, str), "a string"),
+        ("negative_prompt", isinstance(p.negative_prompt, str), "a string"),
+        ("steps", integer(p.steps, 1), "a whole number ≥ 1"),
+        ("guidance", number(p.guidance) and p.guidance >= 0, "a number ≥ 0"),
+        ("eta", number(p.eta) and 0 <= p.eta <= 1, "a number from 0 to 1"),
+        ("sampler", isinstance(p.sampler, str) and p.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
+        ("seed", integer(p.seed, 0, MAX_SEED), f"a whole number from 0 to {MAX_SEED}"),
+        ("width", integer(p.width, 1), "a whole number ≥ 1"),
+        ("height", integer(p.height, 1), "a whole number ≥ 1"),
+        ("model", isinstance(p.model, str) and p.model != "", "a model folder, hub id or 'default'"),
+        ("dtype", isinstance(p.dtype, str) and p.dtype in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}"),
+        ("loras", isinstance(p.loras, list) and all(isinstance(s, str) for s in p.loras), "a list of LoRA paths"),
+        ("strength", p.strength is None or (number(p.strength) and 0 <= p.strength <= 1), "a number from 0 to 1"),
+        ("image", p.image is None or isinstance(p.image, str), "the input image's path"),
+        ("image_sha256", p.image_sha256 is None or isinstance(p.image_sha256, str), "a hex digest"),
+        ("mask", p.mask is None or isinstance(p.mask, str), "the mask's path"),
+        ("mask_sha256", p.mask_sha256 is None or isinstance(p.mask_sha256, str), "a hex digest"),
+        ("paste_back", isinstance(p.paste_back, bool), "true or false"),
+        ("mask_feather", p.mask_feather is None or integer(p.mask_feather, 0), "a whole number ≥ 0"),
+    ]
+    for name, ok, expected in rules:
+        if not ok:
+            value = repr(getattr(p, name))
+            value = value if len(value) <= 40 else value[:37] + "..."
+            raise ValueError(f"{source}: {name} is {value}, expected {expected}; the PNG's parameters are "
+                             "damaged or were edited: pass a PNG written by ldm-app generate, or the options themselves.")
+    return p
+
+
+# A1111's `Key: value` grammar (modules/infotext_utils.py, `re_param`): a key of word characters, spaces, dashes
+# and slashes, then either a JSON-quoted string or anything up to the next comma
+A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
+A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM")
+
+
+def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams, list[str]]:
+    """A1111's `parameters` text → (GenerationParams, the fields not used, as `Key: value`).
+
+    Used: prompt, negative prompt, steps, sampler (+ schedule type), CFG scale, seed, size and DDIM's η. The
+    prompt keeps its `<lora:name:weight>` tags (apply them with `split_lora_tags` and a LoRA folder, as A1111
+    does). The model is "default": a PNG never chooses which model gets loaded; `Model` is reported as ignored.
+    An A1111 sampler we do not have is reported too, and ddim is used.
+    """
+    *lines, last = text.strip().split("\n")
+    if len(A1111_FIELD.findall(last)) < 3:
+        raise ValueError(f"{source}: its A1111 parameters have no 'Steps: …, Sampler: …' line; pass a PNG written by "
+                         "A1111 or ldm-app generate.")
+    prompt, negative, in_negative = [], [], False
+    for line in (line.strip() for line in lines):
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {key: unquote(value) for key, value in A1111_FIELD.findall(last)}
+    missing = [key for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if key not in fields]
+    if missing:
+        raise ValueError(f"{source}: its A1111 parameters lack {', '.join(missing)}; pass a PNG written by A1111 or "
+                         "ldm-app generate.")
+
+    ignored = [f"{key}: {value}" for key, value in fields.items()
+               if key not in A1111_USED and (key, value) != ("RNG", "CPU")]  # our noise is drawn on the CPU too
+    sampler = sampler_from_a1111(fields["Sampler"], fields.get("Schedule type"))
+    if sampler is None:
+        schedule = f", Schedule type: {fields['Schedule type']}" if "Schedule type" in fields else ""
+        ignored.insert(0, f"Sampler: {fields['Sampler']}{schedule} (not available; {A1111_SAMPLER_FALLBACK} used)")
+        sampler = A1111_SAMPLER_FALLBACK
+    size = A1111_SIZE.match(fields["Size"].strip())
+    if size is None:
+        raise ValueError(f"{source}: Size is {fields['Size']!r}, expected WIDTHxHEIGHT such as 512x512; pass a PNG "
+                         "written by A1111 or ldm-app generate.")
+    params = GenerationParams(
+        prompt="\n".join(prompt), negative_prompt="\n".join(negative), steps=a1111_number(fields, "Steps", int, source),
+        guidance=a1111_number(fields, "CFG scale", float, source), sampler=sampler,
+        eta=a1111_number(fields, "Eta DDIM", float, source) if sampler == "ddim" and "Eta DDIM" in fields else 0.0,
+        seed=a1111_number(fields, "Seed", int, source), width=int(size.group(1)), height=int(size.group(2)),
+        model="default")
+    if "Eta DDIM" in fields and sampler != "ddim":
+        ignored.append(f"Eta DDIM: {fields['Eta DDIM']}")
+    return checked(params, source), ignored
+
+
+def a1111_number(fields: dict[str, str], key: str, kind: type, source: str) -> Any:
+    try:
+        return kind(fields[key].strip())
+    except ValueError:
+        raise ValueError(f"{source}: {key} is {fields[key][:40]!r}, expected a number; pass a PNG written by A1111 or "
+                         "ldm-app generate.") from None
+
+
+def unquote(value: str) -> str:
+    """A `quote()`d value back to its text; anything that is not valid JSON stays as written (as in A1111)."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value

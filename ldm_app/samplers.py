@@ -1,19 +1,83 @@
-"""Named samplers: diffusers schedulers built from the pipeline's own noise schedule."""
+"""Named samplers: diffusers schedulers built from the pipeline's own noise schedule, and their A1111 names.
+
+| ours           | A1111 `Sampler` (+ `Schedule type`)   | diffusers                                                 |
+|----------------|---------------------------------------|-----------------------------------------------------------|
+| `ddim`         | DDIM                                  | DDIMScheduler                                             |
+| `ddpm`         | DDIM, written with `Eta DDIM: 1`      | DDPMScheduler                                             |
+| `euler`        | Euler                                 | EulerDiscreteScheduler                                    |
+| `euler-karras` | Euler + Karras                        | EulerDiscreteScheduler(use_karras_sigmas=True)            |
+| `euler-a`      | Euler a                               | EulerAncestralDiscreteScheduler                           |
+| `heun`         | Heun                                  | HeunDiscreteScheduler                                     |
+| `heun-karras`  | Heun + Karras                         | HeunDiscreteScheduler(use_karras_sigmas=True)             |
+| `lms`          | LMS                                   | LMSDiscreteScheduler                                      |
+| `lms-karras`   | LMS + Karras ("LMS Karras")           | LMSDiscreteScheduler(use_karras_sigmas=True)              |
+| `dpm++`        | DPM++ 2M                              | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++") |
+| `dpm++-karras` | DPM++ 2M + Karras ("DPM++ 2M Karras") | the same with use_karras_sigmas=True                      |
+| `unipc`        | UniPC                                 | UniPCMultistepScheduler                                   |
+
+Old A1111 (before 1.9) wrote Karras into the name ("DPM++ 2M Karras"); both spellings read.
+
+A1111 has no DDPM sampler. DDIM at η = 1 is DDPM's ancestral sampler (Song et al. 2021, §4.1: the
+generative process becomes Markovian with DDPM's posterior variance), so `ddpm` is written as DDIM with
+`Eta DDIM: 1`; the two differ only in the last step (DDPM steps to ᾱ = 1, DDIM to ᾱ_0 with SD's
+`set_alpha_to_one=False`). Reading that back gives `ddim` at η = 1.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # diffusers is imported when a scheduler is made: the CLI lists the names without it
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SAMPLERS: dict[str, tuple[str, dict, str]] = {
-    # name: (diffusers scheduler class, extra config, label written into PNG metadata)
-    "ddim": ("DDIMScheduler", {}, "DDIM"),  # Song et al. 2021; η = 0 deterministic, η = 1 ≈ DDPM
-    "ddpm": ("DDPMScheduler", {}, "DDPM"),  # ancestral sampling, Ho et al. 2020, Algorithm 2
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),  # Lu et al. 2022
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),  # Karras et al. 2022
+KARRAS = {"use_karras_sigmas": True}  # σ_i spaced as in Karras et al. 2022, eq. 5 (ρ = 7)
+
+
+class Sampler(NamedTuple):
+    scheduler: str  # the name of the diffusers class that runs it
+    config: dict  # overrides of the pipeline's scheduler config
+    a1111: str  # A1111's `Sampler` name
+    karras: bool = False  # A1111's `Schedule type: Karras`
+
+
+SAMPLERS: dict[str, Sampler] = {  # keyed by the CLI's names
+    "ddim": Sampler("DDIMScheduler", {}, "DDIM"),  # Song et al. 2021; η = 0 deterministic
+    "ddpm": Sampler("DDPMScheduler", {}, "DDIM"),  # Ho et al. 2020, Algorithm 2 (= DDIM at η = 1, see above)
+    "euler": Sampler("EulerDiscreteScheduler", {}, "Euler"),  # Karras et al. 2022, Algorithm 1 without step 2
+    "euler-karras": Sampler("EulerDiscreteScheduler", KARRAS, "Euler", karras=True),
+    "euler-a": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a"),  # Euler plus fresh noise each step
+    "heun": Sampler("HeunDiscreteScheduler", {}, "Heun"),  # Karras et al. 2022, Algorithm 1 (2 UNet calls a step)
+    "heun-karras": Sampler("HeunDiscreteScheduler", KARRAS, "Heun", karras=True),
+    "lms": Sampler("LMSDiscreteScheduler", {}, "LMS"),  # linear multistep on σ (k-diffusion's sample_lms)
+    "lms-karras": Sampler("LMSDiscreteScheduler", KARRAS, "LMS", karras=True),
+    "dpm++": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),  # Lu et al. 2022
+    "dpm++-karras": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", **KARRAS}, "DPM++ 2M",
+                            karras=True),
+    "unipc": Sampler("UniPCMultistepScheduler", {}, "UniPC"),  # Zhao et al. 2023, predictor-corrector
 }
+
+
+def _a1111_names() -> dict[tuple[str, bool], str]:
+    """(A1111 sampler name in lower case, Karras?) → ours; the first entry wins, so DDIM reads back as `ddim`."""
+    names: dict[tuple[str, bool], str] = {}
+    for name, sampler in SAMPLERS.items():
+        names.setdefault((sampler.a1111.lower(), sampler.karras), name)
+    return names
+
+
+A1111_NAMES = _a1111_names()
+
+
+def sampler_from_a1111(name: str, schedule_type: str | None = None) -> str | None:
+    """Our sampler for A1111's `Sampler` (and `Schedule type`), or None when there is none.
+
+    Both spellings A1111 has used work: "DPM++ 2M Karras" (before 1.9) and "DPM++ 2M" + "Karras" (since).
+    """
+    label = name.strip().lower()
+    karras = (schedule_type or "").strip().lower() == "karras"
+    if label.endswith(" karras"):
+        label, karras = label.removesuffix(" karras"), True
+    return A1111_NAMES.get((label, karras))
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:
@@ -22,8 +86,8 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
         raise ValueError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
     import diffusers
 
-    cls, extra, _ = SAMPLERS[name]
-    return getattr(diffusers, cls).from_config({**config, **extra})
+    sampler = SAMPLERS[name]
+    return getattr(diffusers, sampler.scheduler).from_config({**config, **sampler.config})
 
 
 def max_inference_steps(config: dict) -> int:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors import SafetensorError, safe_open
 
@@ -82,6 +81,8 @@ def from_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     diffusers converts the weights; `config` is a diffusers-format folder with the component configs and the
     tokenizer (default: the shipped SD-1.x one; a test passes the folder of a tiny model). fp32 unless `torch_dtype`.
     """
+    from diffusers import StableDiffusionPipeline  # imported here: it pulls in transformers' image processors
+
     path = check_single_file(path)
     dtype_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     sd = StableDiffusionPipeline.from_single_file(

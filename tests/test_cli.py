@@ -146,3 +146,82 @@ def test_every_help_ends_with_examples():
     for command in ("generate", "info"):
         r = cli(command, "--help")
         assert r.returncode == 0 and "Examples:" in r.stdout.split("Options:")[-1]
+
+
+def test_image_to_image_and_inpainting_round_trip_through_from(model, tmp_path):
+    photo, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    PIL.Image.new("RGB", (48, 32), (200, 40, 40)).save(photo)  # not square: covered and center-cropped
+    PIL.Image.new("L", (48, 32), 0).save(mask)
+    PIL.Image.open(mask).point(lambda v: 255).crop((0, 0, 24, 32)).save(tmp_path / "half.png")
+    full = PIL.Image.new("L", (48, 32), 0)
+    full.paste(255, (12, 8, 36, 24))
+    full.save(mask)
+    out = tmp_path / "inpainted.png"
+    r = cli("generate", "a cat", "--model", str(model), "--steps", "3", "--seed", "5", "--image", str(photo),
+            "--mask", str(mask), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "resized and center-cropped to 32x32" in r.stderr
+    stored = json.loads(PIL.Image.open(out).info["ldm-app"])
+    assert stored["image"] == str(photo.resolve()) and stored["strength"] == 1.0 and stored["mask_sha256"]
+    assert "Denoising strength: 1.0" in PIL.Image.open(out).info["parameters"]
+    again = tmp_path / "again.png"
+    r = cli("generate", "--from", str(out), "-o", str(again))
+    assert r.returncode == 0 and "reusing --image" in r.stderr and "reusing --mask" in r.stderr
+    assert np.array_equal(pixels(out), pixels(again))
+    # outside the mask the input's pixels are kept exactly (after the cover-and-crop to 32x32: columns 8..40)
+    kept = pixels(out).astype(int)
+    assert (kept[:8] == [200, 40, 40]).all() and (kept[24:] == [200, 40, 40]).all()
+
+    PIL.Image.new("RGB", (48, 32), (0, 0, 255)).save(photo)  # the input changed since
+    r = cli("generate", "--from", str(out), "-o", str(tmp_path / "changed.png"))
+    assert r.returncode == 2 and "has changed since" in r.stderr and "Traceback" not in r.stderr
+    r = cli("generate", "a cat", "--model", str(model), "--image", str(photo), "--strength", "0.5", "--steps", "4",
+            "-o", str(tmp_path / "sdedit.png"), "-q")
+    assert r.returncode == 0 and json.loads(PIL.Image.open(tmp_path / "sdedit.png").info["ldm-app"])["strength"] == 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png"], "nothing to repaint"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/small.png"], "pass a mask of the image's size"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/notes.txt"], "--mask"),
+    (["--image", "{tmp}/missing.png"], "no such file"),
+])
+def test_bad_image_inputs_are_one_line_exit_2(model, tmp_path, args, message):
+    PIL.Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "in.png")
+    PIL.Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    PIL.Image.new("L", (16, 16), 255).save(tmp_path / "small.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    r = cli("generate", "a cat", "--model", str(model), "--steps", "1", "-o", str(tmp_path / "o.png"),
+            *[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert [line.startswith("error:") for line in r.stderr.splitlines()].count(True) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_from_reads_an_a1111_png_and_applies_its_lora_tags_from_lora_dir(model, tmp_path):
+    from ldm_app.testing import tiny_pipeline
+
+    name, to_q = next((n, m) for n, m in tiny_pipeline().unet.named_modules() if n.endswith("to_q"))
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    torch.manual_seed(0)
+    save_file({f"unet.{name}.lora.down.weight": torch.randn(4, to_q.in_features),
+               f"unet.{name}.lora.up.weight": torch.randn(to_q.out_features, 4)}, loras / "style.safetensors")
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat <lora:style:0.7>\nNegative prompt: a dog\nSteps: 3, Sampler: DPM++ 2M, "
+                                "Schedule type: Karras, CFG scale: 4, Seed: 9, Size: 32x32, Model hash: abc, "
+                                "Model: sd15, Clip skip: 2")
+    png = tmp_path / "a1111.png"
+    PIL.Image.new("RGB", (32, 32)).save(png, pnginfo=info)
+    out = tmp_path / "ours.png"
+    r = cli("generate", "--from", str(png), "--model", str(model), "--lora-dir", str(loras), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "Clip skip: 2" in r.stderr  # reported as not used
+    stored = json.loads(PIL.Image.open(out).info["ldm-app"])
+    assert (stored["prompt"], stored["negative_prompt"], stored["steps"], stored["sampler"], stored["seed"]) == \
+        ("a cat", "a dog", 3, "dpm++-karras", 9)
+    assert stored["loras"] == [f"{loras / 'style.safetensors'}:0.7"]
+    assert "<lora:style:0.7>" in PIL.Image.open(out).info["parameters"]
+    r = cli("generate", "--from", str(png), "--model", str(model), "-o", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "--lora-dir" in r.stderr

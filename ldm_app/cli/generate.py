@@ -20,10 +20,10 @@ from .common import (UserError, device_option, dtype_option, finite, model_optio
                      quiet_option, utf8_text, variant_option)
 
 if TYPE_CHECKING:
+    import PIL.Image
+
     from ..pipeline import LdmPipeline
     from ..png_metadata import GenerationParams
-
-MAX_SIZE = 4096
 
 GENERATE_EXAMPLES = """
 
@@ -39,19 +39,53 @@ Examples:
 
 
 def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--from: the PNG's parameters become the defaults of every other option (click's default_map), so that
-    what is given on the command line still wins and each stored value is checked like typed input.
+    """--from: the PNG's parameters (ldm-app's or A1111's) become the defaults of every other option (click's
+    default_map), so that what is given on the command line still wins and each stored value is checked like
+    typed input.
 
     A downloaded PNG must not choose what gets loaded: its model is reused only when it is the default model or a
     folder on this machine; a hub id or a missing folder is reported and the default model used instead."""
-    if value is not None:
-        stored = dataclasses.asdict(read_params_or_fail(value))
-        model = stored.get("model")
-        if not isinstance(model, str) or (model != DEFAULT_MODEL and not Path(model).expanduser().is_dir()):
-            ctx.meta["untrusted_model"] = model
-            stored.pop("model")
-        ctx.default_map = {**(ctx.default_map or {}), **stored}
+    if value is None:
+        return None
+    stored, ignored = read_params_or_fail(value)
+    defaults = dataclasses.asdict(stored)
+    model = defaults["model"]
+    if model != DEFAULT_MODEL and not Path(model).expanduser().is_dir():
+        ctx.meta["untrusted_model"] = defaults.pop("model")
+    # the recorded inputs are checked (there and unchanged) in the command, where --image/--mask may replace them
+    ctx.meta["recorded_inputs"] = {"image_path": defaults.pop("image_sha256"), "mask_path": defaults.pop("mask_sha256")}
+    defaults |= {"image_path": defaults.pop("image"), "mask_path": defaults.pop("mask"),
+                 "no_paste_back": not defaults.pop("paste_back")}
+    ctx.meta["ignored"], ctx.meta["from_png"] = ignored, value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def check_recorded_inputs(ctx: click.Context, png: str, note: Callable[[str], None]) -> None:
+    """--from with an image-to-image or inpainting PNG: its input files must still be there, unchanged."""
+    from ..images import file_sha256
+
+    for name, digest in ctx.meta.get("recorded_inputs", {}).items():
+        path, option = ctx.params[name], "--" + name.removesuffix("_path")
+        if path is None or ctx.get_parameter_source(name).name != "DEFAULT_MAP":
+            continue
+        if not Path(path).is_file():
+            raise UserError(f"{png} was made from {option} {path}, which is no longer there; pass {option} PATH.")
+        if digest is not None and file_sha256(path, len(digest)) != digest:
+            raise UserError(f"{png} was made from {option} {path}, which has changed since (sha256 {digest}…); pass "
+                            f"{option} PATH to use it anyway.")
+        note(f"note: reusing {option} {path} (unchanged)")
+
+
+def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None) -> tuple[str, tuple[str, ...]]:
+    """A1111's `<lora:name:weight>` tags out of the prompt, found in --lora-dir, added to --lora."""
+    from ..lora import find_lora, split_lora_tags
+
+    text, tags = split_lora_tags(prompt)
+    if tags and lora_dir is None:
+        raise UserError(f"The prompt names LoRAs in A1111's <lora:name:weight> syntax ({', '.join(n for n, _ in tags)})"
+                        "; pass --lora-dir with the folder that holds them.")
+    return text, (*loras, *(f"{find_lora(name, Path(lora_dir))}:{weight}" for name, weight in tags))
 
 
 @click.command(epilog=GENERATE_EXAMPLES)
@@ -74,32 +108,62 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @device_option
 @dtype_option
 @click.option("--from", "from_png", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
-              callback=reuse_png, help="Reuse every parameter stored in a PNG made by ldm-app (other options override it).")
+              callback=reuse_png, help="Reuse the parameters stored in a PNG made by ldm-app or A1111 (options given override "
+              "them).")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Start from this image (image-to-image, SDEdit); resized to cover --height × --width and "
+                   "center-cropped.")
+@click.option("--strength", type=click.FloatRange(0, 1), default=None,
+              help="With --image: the fraction of the schedule that redraws it (0 keeps it, 1 ignores it).  "
+                   "[default: 0.8, 1 with --mask]")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="With --image: inpaint where this mask is white; elsewhere the input is kept exactly.")
+@click.option("--no-paste-back", is_flag=True,
+              help="With --mask: keep the decoded pixels outside the mask instead of the input's own.")
+@click.option("--mask-feather", type=click.IntRange(min=0), default=None,
+              help="With --mask: pixels over which the paste-back fades in, inside the mask.  [default: the VAE factor]")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA file or folder, optionally with a scale (repeatable).")
+@click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
-             output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, loras: tuple[str, ...],
-             quiet: bool) -> None:
+             output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
+             strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
+             loras: tuple[str, ...], lora_dir: str | None, quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written."""
     import torch
 
+    from ..images import file_sha256
     from ..loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
     from ..png_metadata import GenerationParams, save_png
     from ..samplers import make_scheduler
 
-    # 1. Parameters (--from has already filled in the defaults)
+    # 1. Parameters (--from has already filled in the defaults) and inputs, all checked before any work
+    ctx, note = click.get_current_context(), notes(quiet)
     if prompt is None:
         raise UserError("No PROMPT given; pass a prompt, e.g. ldm-app generate \"a cat\" (or --from image.png).")
+    if image_path is None and (mask_path or strength is not None):
+        raise UserError(f"{'--mask' if mask_path else '--strength'} needs --image; pass the image to start from.")
     if seed is None:
         seed = random.randrange(2**31)
-    note = notes(quiet)
     note(f"seed: {seed}")
-    stored_model = click.get_current_context().meta.get("untrusted_model")
-    if stored_model is not None and click.get_current_context().get_parameter_source("model").name == "DEFAULT":
+    stored_model = ctx.meta.get("untrusted_model")
+    if stored_model is not None and ctx.get_parameter_source("model").name == "DEFAULT":
         note(f"note: the PNG was made with {stored_model!r}, which is not a model folder on this machine; using "
              f"{model!r} (pass --model {stored_model} to load that one)")
+    if ctx.meta.get("ignored"):
+        note(f"note: not used from the PNG: {'; '.join(ctx.meta['ignored'])}")
+    check_recorded_inputs(ctx, ctx.meta.get("from_png"), note)
+    image = read_input("--image", image_path) if image_path else None
+    mask = read_input("--mask", mask_path) if mask_path else None
+    inputs = {"image": str(Path(image_path).resolve()) if image_path else None,
+              "image_sha256": file_sha256(image_path) if image_path else None,
+              "mask": str(Path(mask_path).resolve()) if mask_path else None,
+              "mask_sha256": file_sha256(mask_path) if mask_path else None,
+              "paste_back": not no_paste_back, "mask_feather": mask_feather}  # recorded in the PNG for --from
+    prompt, loras = resolve_lora_tags(prompt, loras, lora_dir)
     if not prompt.strip():
         note("note: empty prompt, drawing an unconditional sample")
 
@@ -116,9 +180,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         pipe.set_progress_bar_config(disable=quiet, leave=False)
         height = pipe.default_size if height is None else height
         width = pipe.default_size if width is None else width
-        check_size("height", height, pipe.vae_scale_factor)
-        check_size("width", width, pipe.vae_scale_factor)
-        check_steps(steps, pipe)
+        pipe.check_inputs(prompt, negative_prompt, height, width, steps, guidance)
         check_free_space(paths[0].parent, num_images + grid, width, height)
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
         apply_loras(pipe, loras)
@@ -130,12 +192,17 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-            images += pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=height, width=width,
-                           num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators).images
+            out = pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=height, width=width,
+                       num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators, image=image,
+                       mask_image=mask, strength=strength, paste_back=not no_paste_back, mask_feather=mask_feather)
+            images += out.images
+        if image is not None and out.input_size != (width, height):
+            w, h = out.input_size
+            note(f"note: the {w}x{h} input was resized and center-cropped to {width}x{height}")
 
         # 4. Write PNGs with their parameters
         params = GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed, width, height,
-                                  model_record(model), dtype, list(loras))
+                                  model_record(model), dtype, list(loras), strength=out.strength, **inputs)
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, dataclasses.replace(params, seed=seed + i))
             click.echo(str(path))
@@ -151,21 +218,26 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
             click.echo(str(grid_path))
 
 
-def check_steps(steps: int, pipe: LdmPipeline) -> None:
-    from ..samplers import max_inference_steps
+def read_input(option: str, path: str) -> PIL.Image.Image:
+    """An input image for --image, or the mask file as it is for --mask (the pipeline ignores a mask's alpha
+    rather than compositing it on white); one line naming the option when it cannot be read."""
+    import PIL.Image
 
-    limit = max_inference_steps(pipe.scheduler.config)
-    if steps > limit:
-        raise UserError(f"--steps {steps} is more than this model's noise schedule allows; use at most {limit} "
-                        "(25–50 is typical).")
+    from ..images import read_image
 
-
-def check_size(name: str, value: int, factor: int) -> None:
-    if value <= 0 or value % factor:
-        raise UserError(f"--{name} {value} is not a positive multiple of the VAE factor {factor}; "
-                        f"use e.g. {max(factor, value // factor * factor)}.")
-    if value > MAX_SIZE:
-        raise UserError(f"--{name} {value} is too large (max {MAX_SIZE}); this model's native size is smaller.")
+    try:
+        if option != "--mask":
+            return read_image(path)
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file; pass an image file (PNG, JPEG, WebP, ...).")
+        try:
+            mask = PIL.Image.open(path)
+            mask.load()
+            return mask
+        except (OSError, SyntaxError, PIL.Image.DecompressionBombError):
+            raise ValueError(f"{path} cannot be read as an image; pass a PNG, JPEG, WebP, ... file.") from None
+    except ValueError as err:
+        raise UserError(f"{option} {err}") from None
 
 
 def output_paths(output: str | None, count: int, overwrite: bool) -> list[Path]:
@@ -243,12 +315,12 @@ def check_free_space(folder: Path, count: int, width: int, height: int) -> None:
                         f"{-(-need // 2**20)} MiB; free some space or choose another --output.")
 
 
-def read_params_or_fail(path: str) -> GenerationParams:
-    from ..png_metadata import read_params
+def read_params_or_fail(path: str) -> tuple[GenerationParams, list[str]]:
+    from ..png_metadata import read_png
 
     if not Path(path).is_file():
-        raise UserError(f"--from {path}: no such file; pass a PNG written by ldm-app generate.")
-    return read_params(path)
+        raise UserError(f"--from {path}: no such file; pass a PNG written by ldm-app generate or A1111.")
+    return read_png(path)
 
 
 def warn_if_truncated(pipe: LdmPipeline, prompt: str, note: Callable[[str], None]) -> None:
