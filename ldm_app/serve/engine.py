@@ -21,11 +21,10 @@ import PIL.Image
 import PIL.PngImagePlugin
 import torch
 
+from ..lora import split_lora_spec, split_lora_tags
 from ..pipeline import LdmPipeline
-from ..png_metadata import JSON_KEY, GenerationParams, a1111_text
-from ..samplers import SAMPLERS, make_scheduler, max_inference_steps
-
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")  # A1111's prompt syntax: <lora:name:weight>
+from ..png_metadata import A1111_FIELD, A1111_KEY, JSON_KEY, GenerationParams, a1111_text, unquote
+from ..samplers import SAMPLERS, make_scheduler, max_inference_steps, sampler_from_a1111
 
 
 class Interrupted(Exception):
@@ -88,13 +87,13 @@ class Engine:
     def load(cls, model: str, loras: list[str], lora_dir: str | None, device: str, dtype: str,
              variant: str | None = None) -> "Engine":
         """The model and LoRAs the server offers; requests choose among these and can name no other file."""
-        from ..loading import dtype_name, load_pipeline, model_record, parse_lora, pick_device, pick_dtype
+        from ..loading import dtype_name, load_pipeline, model_record, pick_device, pick_dtype
 
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
         pipe = load_pipeline(model, dev, torch_dtype, variant)
         pipe.set_progress_bar_config(disable=True)
-        specs = [parse_lora(spec) for spec in loras]
+        specs = [split_lora_spec(spec) for spec in loras]
         if lora_dir is not None:
             folder = Path(lora_dir).expanduser()
             if not folder.is_dir():
@@ -141,30 +140,19 @@ class Engine:
     def resolve_sampler(self, name: str, schedule_type: str | None = None) -> str:
         """Our name, or A1111's (any case; "Karras" as a suffix or as `schedule_type`) → our name; unknown names
         get a ValueError that lists the valid ones. Where two of ours share an A1111 name the first wins."""
-        if name in SAMPLERS:
-            return name
-        label = name.strip().lower()
-        if (schedule_type or "").strip().lower() == "karras" and not label.endswith(" karras"):
-            label += " karras"
-        for ours, a1111 in self.sampler_labels().items():
-            if a1111.lower() == label:
-                return ours
-        valid = ", ".join(dict.fromkeys([*self.sampler_labels().values(), *SAMPLERS]))
-        raise ValueError(f"Unknown sampler {name!r}; use one of: {valid}.")
+        ours = name if name in SAMPLERS else sampler_from_a1111(name, schedule_type)
+        if ours is None:
+            valid = ", ".join(dict.fromkeys([*self.sampler_labels().values(), *SAMPLERS]))
+            raise ValueError(f"Unknown sampler {name!r}; use one of: {valid}.")
+        return ours
 
     def resolve_loras(self, prompt: str, requested: dict[str, float] | None) -> tuple[str, tuple]:
         """The prompt without A1111's `<lora:name:weight>` tags, and the scale of every loaded LoRA.
 
         Tags and `requested` name LoRAs loaded at start; naming none keeps the start-up scales.
         """
-        tags = {m.group(1): m.group(2) for m in LORA_TAG.finditer(prompt)}
-        chosen: dict[str, float] = {}
-        for name, weight in tags.items():
-            try:
-                chosen[name] = 1.0 if weight in (None, "") else float(weight)
-            except ValueError:
-                raise ValueError(f"<lora:{name}:{weight}>: the weight is not a number; write e.g. <lora:{name}:0.8>.") from None
-        chosen.update(requested or {})
+        prompt, tags = split_lora_tags(prompt)
+        chosen = dict(tags) | (requested or {})
         unknown = [name for name in chosen if name not in self.loras]
         if unknown:
             offered = ", ".join(self.loras) or "none (start the server with --lora or --lora-dir)"
@@ -173,7 +161,7 @@ class Engine:
             scales = tuple((name, float(chosen.get(name, 0.0))) for name in self.loras)
         else:
             scales = tuple((name, lora.scale) for name, lora in self.loras.items())
-        return LORA_TAG.sub("", prompt).strip(), scales
+        return prompt, scales
 
     @staticmethod
     def random_seed() -> int:
@@ -257,7 +245,7 @@ class Engine:
     def png(self, image: PIL.Image.Image, params: GenerationParams) -> bytes:
         """PNG bytes with the same two metadata chunks `ldm-app generate` writes."""
         info = PIL.PngImagePlugin.PngInfo()
-        info.add_text("parameters", a1111_text(params))
+        info.add_text(A1111_KEY, a1111_text(params))
         info.add_text(JSON_KEY, json.dumps(dataclasses.asdict(params)))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", pnginfo=info)
@@ -277,22 +265,19 @@ def lora_name(path: str, taken: dict) -> str:
     return name
 
 
-_INFOTEXT_FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-
-
 def read_png_text(raw: bytes) -> tuple[str, dict[str, str], dict[str, Any]]:
     """A PNG's A1111 `parameters` text, its other text chunks, and the text parsed into fields the way A1111's
     png-info answers (`Prompt`, `Negative prompt`, `Steps`, ..., `Size-1`, `Size-2`)."""
     with PIL.Image.open(io.BytesIO(raw)) as image:
         chunks = {k: v for k, v in image.info.items() if isinstance(v, str)}
-    text = chunks.pop("parameters", "")
+    text = chunks.pop(A1111_KEY, "")
     return text, chunks, parse_infotext(text) if text else {}
 
 
 def parse_infotext(text: str) -> dict[str, Any]:
     """A1111's infotext: prompt lines, `Negative prompt: ...` lines, then one line of `Key: value` pairs."""
     *lines, last = text.strip().split("\n")
-    if len(_INFOTEXT_FIELD.findall(last)) < 3:  # no parameter line: all of it is prompt
+    if len(A1111_FIELD.findall(last)) < 3:  # no parameter line: all of it is prompt
         lines, last = lines + [last], ""
     prompt, negative, in_negative = [], [], False
     for line in lines:
@@ -300,13 +285,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
             in_negative, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     fields: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in _INFOTEXT_FIELD.findall(last):
-        value = value.strip()
-        if value.startswith('"') and value.endswith('"'):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
+    for key, value in A1111_FIELD.findall(last):
+        value = unquote(value.strip())
         fields[key.strip()] = value
         if key.strip() == "Size" and "x" in value:
             fields["Size-1"], fields["Size-2"] = value.split("x", 1)
