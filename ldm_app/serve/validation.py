@@ -1,0 +1,142 @@
+"""Turning what a client sent into an `ImageRequest`, or into a 4xx that says what to fix.
+
+Both APIs and the UI come through here, so the limits and messages are the same on every door.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+
+import PIL.Image
+
+from ..images import to_rgb
+from .engine import Engine, ImageRequest
+from .settings import Limits
+
+
+class ApiError(Exception):
+    """A request the server will not run: HTTP `status`, a message that says how to fix it, the field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def parse_size(size: str | None, default: int) -> tuple[int, int]:
+    """OpenAI's "WIDTHxHEIGHT" (or "auto"/None for the model's native size) → (width, height)."""
+    if size in (None, "", "auto"):
+        return default, default
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ApiError(422, f"size={size!r} is not WIDTHxHEIGHT; send e.g. \"{default}x{default}\" or \"auto\".",
+                       "size") from None
+    return width, height
+
+
+def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_prompt: str = "", steps: int = 25,
+                  guidance: float = 5.0, eta: float = 0.0, sampler: str = "ddim", seed: int | None = None,
+                  width: int | None = None, height: int | None = None, n: int = 1,
+                  loras: dict[str, float] | None = None, image: PIL.Image.Image | None = None,
+                  mask: PIL.Image.Image | None = None, strength: float = 0.75) -> ImageRequest:
+    """Check every field against the model and the server's limits; images are resized to width × height."""
+    # 1. Text
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(422, f"{name} has {len(text)} characters; the server accepts at most "
+                                f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
+    try:
+        prompt, lora_scales = engine.resolve_loras(prompt, loras)
+    except ValueError as err:
+        raise ApiError(422, str(err), "loras") from None
+    try:
+        sampler = engine.resolve_sampler(sampler)
+    except ValueError as err:
+        raise ApiError(422, str(err), "sampler") from None
+
+    # 2. Numbers
+    max_steps = min(limits.max_steps, engine.max_steps)
+    if not 1 <= steps <= max_steps:
+        raise ApiError(422, f"steps={steps}; use 1 to {max_steps} (25 is typical).", "steps")
+    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
+        raise ApiError(422, f"guidance/cfg_scale={guidance}; use a number from 0 to 100 (1 = off, 5 is typical).",
+                       "cfg_scale")
+    if not math.isfinite(eta) or not 0 <= eta <= 1:
+        raise ApiError(422, f"eta={eta}; use a number from 0 (deterministic DDIM) to 1.", "eta")
+    if not math.isfinite(strength) or not 0 <= strength <= 1:
+        raise ApiError(422, f"denoising_strength={strength}; use a number from 0 (keep the input) to 1 (ignore it).",
+                       "denoising_strength")
+    if not 1 <= n <= limits.max_images:
+        raise ApiError(422, f"{n} images requested; use 1 to {limits.max_images} per request (--max-images).", "n")
+    if seed is None or seed == -1:
+        seed = engine.random_seed()
+    if not 0 <= seed < 2**63 - limits.max_images:
+        raise ApiError(422, f"seed={seed}; use -1 (random) or 0 to 2^63 - {limits.max_images + 1}.", "seed")
+
+    # 3. Size: the model's native size by default, multiples of the VAE factor, at most max_pixels
+    width = engine.default_size if width is None else width
+    height = engine.default_size if height is None else height
+    factor = engine.size_factor
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % factor:
+            raise ApiError(422, f"{name}={value} is not a positive multiple of {factor}; use e.g. "
+                                f"{max(factor, value // factor * factor)} (the model's native size is "
+                                f"{engine.default_size}).", name)
+    if width * height > limits.max_pixels:
+        raise ApiError(422, f"{width}x{height} is {width * height} pixels; the server allows at most "
+                            f"{limits.max_pixels} per image (--max-pixels).", "width")
+
+    # 4. Input image and mask, at the output size
+    if mask is not None and image is None:
+        raise ApiError(422, "a mask was sent without an image; send the image to inpaint too.", "mask")
+    if image is not None:
+        if not engine.supports_image_input:
+            raise ApiError(501, "This ldm-app's pipeline has no image-to-image or inpainting yet; update ldm-app, "
+                                "or use text-to-image.", "init_images")
+        image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+    if mask is not None:
+        mask = mask.convert("L").resize((width, height), PIL.Image.Resampling.NEAREST)
+        if mask.getextrema()[1] < 128:
+            raise ApiError(422, "the mask is all black, so there is nothing to repaint; paint the area to change "
+                                "white.", "mask")
+    return ImageRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=float(guidance),
+                        eta=float(eta), sampler=sampler, seed=seed, width=width, height=height, n=n,
+                        loras=lora_scales, image=image, mask=mask, strength=float(strength))
+
+
+def decode_image_bytes(raw: bytes, field: str, limits: Limits, keep_alpha: bool = False) -> PIL.Image.Image:
+    """An uploaded image as RGB (or RGBA with `keep_alpha`); a 4xx for non-images and oversized images."""
+    try:
+        image = PIL.Image.open(io.BytesIO(raw))
+        w, h = image.size
+        if w * h > 4 * limits.max_pixels:  # checked before decoding: a small file can expand to gigabytes
+            raise ApiError(413, f"{field} is {w}x{h}; send an image of at most {4 * limits.max_pixels} pixels.",
+                           field)
+        image.load()
+    except ApiError:
+        raise
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+        raise ApiError(422, f"{field} is not an image PIL can read; send a PNG, JPEG or WebP.", field) from None
+    if keep_alpha and "A" in image.getbands():
+        return image.convert("RGBA")
+    return to_rgb(image)
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """Base64 with or without a `data:image/...;base64,` prefix (A1111 accepts both)."""
+    if not isinstance(value, str) or not value:
+        raise ApiError(422, f"{field} is empty; send a base64-encoded PNG or JPEG.", field)
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{field} is not valid base64; send the image file's bytes base64-encoded.",
+                       field) from None
+
+
+def decode_base64_image(value: str, field: str, limits: Limits) -> PIL.Image.Image:
+    return decode_image_bytes(decode_base64(value, field), field, limits)
