@@ -188,8 +188,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                  f"{self.default_size}.")
         limit = max_inference_steps(self.scheduler.config)
         if not 1 <= num_inference_steps <= limit:
-            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to {limit} steps (at most {limit}: "
-                             "this model's noise schedule has no more; use at most that, 25–50 is typical).")
+            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to {limit} steps: this model's noise "
+                             f"schedule has no more, so use at most {limit} (25–50 is typical).")
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale} is not a finite number; use e.g. 5 (1 = no guidance).")
         if guidance_scale < 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import finetune, generate, info, invert
+from . import finetune, generate, info, invert, serve
 from .common import OneLineErrors
 
 
@@ -14,7 +14,8 @@ def app() -> None:
     """Latent diffusion text-to-image: generate, fine-tune (LoRA), invert and edit."""
 
 
-for command in (generate.generate, info.info, finetune.finetune_lora, invert.invert_command, invert.edit_command):
+for command in (generate.generate, info.info, finetune.finetune_lora, invert.invert_command, invert.edit_command,
+                serve.serve):
     app.add_command(command)
 
 
