@@ -164,3 +164,21 @@ def test_a_caption_that_is_not_utf8_names_its_file(tmp_path):
     caption.write_bytes(b"a \xff cat")
     with pytest.raises(ValueError, match=f"{caption.name} is not UTF-8"):
         load_image_dataset(load_config(None, [f"data.path={data}"]).data)
+
+
+def test_a_folder_of_fp16_variant_files_needs_and_takes_variant(tmp_path):
+    from ldm_app.pipeline import cast_quietly
+
+    cast_quietly(tiny_pipeline(), torch.float16).save_pretrained(tmp_path / "fp16", variant="fp16")
+    line = one_error_line(run("generate", "a cat", "--model", tmp_path / "fp16", "--steps", "1", "-o", tmp_path / "a.png"))
+    assert "--variant fp16" in line and not (tmp_path / "a.png").exists()
+    r = run("generate", "a cat", "--model", tmp_path / "fp16", "--variant", "fp16", "--steps", "1", "-o",
+            tmp_path / "b.png", "-q")
+    assert r.exit_code == 0, r.output
+    assert PIL.Image.open(tmp_path / "b.png").size == (32, 32)
+
+
+def test_a_pickled_single_file_is_refused_unopened(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not to be unpickled")
+    line = one_error_line(run("generate", "a cat", "--model", tmp_path / "model.ckpt", "-o", tmp_path / "a.png"))
+    assert "ckpt" in line
