@@ -90,3 +90,26 @@ def test_the_cli_lists_the_inversion_methods_the_library_has():
 def test_settings_that_cannot_work_together_are_refused_when_the_config_loads(overrides, fix):
     with pytest.raises(ValueError, match=fix.replace(".", r"\.").replace(">", ".")):
         load_config(None, overrides)
+
+
+def test_a_training_command_without_the_train_extra_says_which_extra_to_install(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from ldm_app import extras
+    from ldm_app.cli import app
+
+    monkeypatch.setitem(extras.EXTRAS, "train", ("datasets", "a_module_that_is_not_installed"))
+    r = CliRunner().invoke(app, ["finetune-lora", str(tmp_path), "--prompt", "x"])
+    assert r.exit_code == 2 and 'pip install "ldm-app[train]"' in r.stderr
+    assert "a_module_that_is_not_installed" in r.stderr and "Traceback" not in r.output
+
+
+def test_push_to_hub_needs_a_repo_and_wandb_needs_wandb():
+    with pytest.raises(ValueError, match="set train.hub_model_id=owner/name"):
+        load_config(None, ["train.push_to_hub=true"])
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ValueError, match="pip install wandb"):
+            load_config(None, ["train.report_to=wandb"])
+    assert load_config(None, ["train.report_to=none"]).train.report_to == "none"
