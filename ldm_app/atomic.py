@@ -36,7 +36,11 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:  # the block failed: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # else `old` may be the only complete copy (a crash between the renames below)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

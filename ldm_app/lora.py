@@ -345,10 +345,13 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     for match in LORA_TAG.finditer(prompt):
         name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
         try:
-            loras.append((name, float(weight)))
+            value = float(weight)
         except ValueError:
             raise ValueError(f"<lora:{name}:{weight}> has no single numeric weight (separate text-encoder and UNet "
                              f"weights are not supported); write it as <lora:{name}:0.8>.") from None
+        if not math.isfinite(value):
+            raise ValueError(f"<lora:{name}:{weight}>: the weight is not a finite number; write e.g. <lora:{name}:0.8>.")
+        loras.append((name, value))
     return LORA_TAG.sub("", prompt).strip(), loras
 
 

@@ -29,7 +29,7 @@ from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_fold
 from .components import UNet, load_unet
 from .config import Config, TrainConfig, save_config, validate_config
 from .encoders import Encoders, pipeline_subfolder
-from .hub import push_to_hub, share_export
+from .hub import make_portable, push_to_hub, share_export, write_model_card
 from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from .objective import DenoisingLoss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
@@ -240,10 +240,12 @@ def export_pipeline(pipe: LdmPipeline, folder: Path, step: int, config: Config |
     with atomic_folder(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training_step.json").write_text(json.dumps({"step": step}))
-        if config is not None:
+        if config is not None:  # the card names the final folder (or the Hub repo), not this temporary one
             grids = sorted((folder.parent / "samples").glob("step-*.png"))
-            share_export(tmp, "pipeline", config.model.pretrained_unet, config.train.validation_prompts,
-                         grids[-1] if grids else None, dataclasses.asdict(config))
+            make_portable(tmp)
+            write_model_card(tmp, "pipeline", config.model.pretrained_unet, config.train.validation_prompts,
+                             grids[-1] if grids else None, dataclasses.asdict(config),
+                             repo_id=hub_repo(config.train) or str(folder.resolve()))
 
 
 def hub_repo(t: TrainConfig) -> str | None:

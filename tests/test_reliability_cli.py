@@ -11,8 +11,7 @@ import PIL.Image
 import PIL.PngImagePlugin
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors.torch import save_file
+from click.testing import CliRunner, Result
 
 from ldm_app.cli import app
 from ldm_app.cli.generate import output_paths
@@ -28,7 +27,7 @@ def model(tmp_path_factory) -> Path:
     return folder
 
 
-def run(*args) -> "click.testing.Result":  # noqa: F821
+def run(*args) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args])
 
 

@@ -128,13 +128,9 @@ def test_bad_images_get_a_422(client, init, words):
 
 
 def test_img2img_and_inpainting(client):
-    engine = client.app.state.engine
     mask = png_b64(color=(255, 255, 255))
     r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [png_b64()], "denoising_strength": 0.5,
                                               "mask": mask})
-    if not engine.supports_image_input:
-        assert r.status_code == 501 and "image-to-image" in r.json()["detail"]
-        pytest.skip("this ldm-app's LdmPipeline has no image=/strength=/mask_image= yet")
     assert r.status_code == 200, r.text
     assert decode(r.json()["images"][0]).size == (32, 32)
     assert json.loads(r.json()["info"])["denoising_strength"] == 0.5
@@ -223,8 +219,6 @@ def test_every_a1111_sampler_name_resolves_to_one_of_ours():
 
 def test_openai_edits_repaints_only_the_transparent_pixels(client):
     """No mask: the image's own transparent pixels are the area to repaint (OpenAI's rule); the rest is kept."""
-    if not client.app.state.engine.supports_image_input:
-        pytest.skip("this ldm-app's LdmPipeline has no image=/strength=/mask_image= yet")
     image = PIL.Image.new("RGBA", (32, 32), (200, 40, 40, 255))
     image.paste((0, 0, 0, 0), (8, 8, 24, 24))
     buffer = io.BytesIO()

@@ -24,13 +24,17 @@ def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), 
                limits: Limits | None = None, ui: bool = True, variant: str | None = None) -> None:
     """Load the model and LoRAs, then serve until interrupted. Raises ValueError (before loading anything) for
     a non-loopback `host` without `api_key` unless `insecure`, and for bad settings."""
-    check_bind(host, api_key, insecure)
-    try:
-        import uvicorn
+    import importlib.util
 
-        from .app import create_app as _create_app
-    except ImportError as err:
-        raise ValueError(f"ldm-app serve needs the web extra ({err.name} is missing): pip install \"ldm-app[web]\"") from None
+    check_bind(host, api_key, insecure)
+    needed = ["uvicorn", "fastapi", "multipart"] + (["gradio"] if ui else [])  # multipart: OpenAI's image edits
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"ldm-app serve needs the web extra ({', '.join(missing)} missing): pip install "
+                         "\"ldm-app[web]\"")
+    import uvicorn
+
+    from .app import create_app as _create_app
     from .engine import Engine
 
     settings = Settings(api_key=api_key, max_queue=max_queue, max_batch=max_batch, ui=ui,
@@ -38,4 +42,6 @@ def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), 
     engine = Engine.load(model, list(loras), lora_dir, device, dtype, variant)
     app = _create_app(engine, settings)
     print(f"ldm-app serve: http://{host}:{port}/ (UI), /sdapi/v1 (A1111), /v1/images (OpenAI)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    # connections beyond the queue's bound get 503 from uvicorn before their bodies are read into memory
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                limit_concurrency=max_queue + max_batch + 16)

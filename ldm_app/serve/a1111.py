@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from .app import run_job
 from .engine import ImageRequest, read_png_text
-from .validation import ApiError, decode_base64, decode_base64_image, image_request
+from .validation import ApiError, a1111_mask, decode_base64, decode_base64_image, image_request
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
@@ -127,7 +127,7 @@ async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
     image = decode_base64_image(body.init_images[0], "init_images[0]", limits)
     mask = None
     if body.mask:
-        mask = decode_base64_image(body.mask, "mask", limits).convert("L")
+        mask = a1111_mask(decode_base64_image(body.mask, "mask", limits, keep_alpha=True))
         if body.inpainting_mask_invert:
             mask = PIL.Image.eval(mask, lambda v: 255 - v)
     return await _respond(http, body, _request(http, body, image, mask, body.denoising_strength))

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,11 @@ logger = logging.getLogger(__name__)
 SESSION_COOKIE = "ldm_app_session"
 OPEN_PATHS = {"/healthz", "/login"}
 
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison; on bytes, since `hmac.compare_digest` refuses non-ASCII strings (a 500)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     """The server around `engine`: its queue's worker starts now and stops with the app."""
@@ -49,7 +55,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.model_name, "queue_length": queue.snapshot()["queue_length"]}
+        # no key needed here, so nothing about the machine: the model's name, not its folder's path
+        return {"status": "ok", "model": Path(engine.model_name).name, "queue_length": queue.snapshot()["queue_length"]}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
@@ -95,8 +102,6 @@ async def wait_for(job: Job, queue: JobQueue, request: Request | None = None) ->
     except asyncio.CancelledError:
         queue.cancel(job)
         raise
-    except NotImplementedError as err:
-        raise ApiError(501, str(err)) from None
     except ValueError as err:  # the library's own checks: bad input it caught first
         raise ApiError(422, str(err)) from None
 
@@ -121,7 +126,7 @@ def error_response(request: Request, status: int, message: str, param: str | Non
 
 _STATUS_NAMES = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
                  413: "PayloadTooLarge", 422: "UnprocessableEntity", 499: "ClientClosedRequest",
-                 501: "NotImplemented", 503: "ServiceUnavailable"}
+                 503: "ServiceUnavailable"}
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -213,15 +218,15 @@ class RequireKey:
     def _allowed(self, scope: dict) -> bool:
         request = Request(scope)
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip(), self.api_key):
+        if scheme.lower() == "bearer" and same_secret(credentials.strip(), self.api_key):
             return True
         if scheme.lower() == "basic":
             try:
                 password = base64.b64decode(credentials.strip()).decode().partition(":")[2]
             except (ValueError, UnicodeDecodeError):
                 return False
-            return hmac.compare_digest(password, self.api_key)
-        return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, ""), self.session)
+            return same_secret(password, self.api_key)
+        return same_secret(request.cookies.get(SESSION_COOKIE, ""), self.session)
 
 
 def session_token(api_key: str) -> str:
@@ -244,7 +249,7 @@ def _add_login(app: FastAPI, api_key: str) -> None:
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         form = await request.form()
-        if not hmac.compare_digest(str(form.get("key", "")), api_key):
+        if not same_secret(str(form.get("key", "")), api_key):
             return HTMLResponse(LOGIN_PAGE.format(message="Wrong key."), status_code=401)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(SESSION_COOKIE, session_token(api_key), httponly=True, samesite="strict")

@@ -7,9 +7,9 @@ module, so that changes in the library touch one file here. Only the queue's wor
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import io
 import json
+import math
 import random
 import re
 from collections.abc import Callable
@@ -107,7 +107,8 @@ class Engine:
                 pipe.load_lora_weights(str(Path(path).expanduser()), adapter_name=name)
             except (ValueError, OSError, RuntimeError) as err:
                 raise ValueError(f"Cannot load LoRA {path}: {str(err).strip().splitlines()[0][:300]}") from None
-            loaded[name] = LoadedLora(str(Path(path).expanduser().resolve()), scale)
+            local = Path(path).expanduser()  # recorded as --from needs it: an absolute folder, or the hub id as given
+            loaded[name] = LoadedLora(str(local.resolve()) if local.exists() else path, scale)
         return cls(pipe, model_record(model), dtype_name(torch_dtype), loaded)  # as --from will need it: absolute folders
 
     # ------------------------------------------------------------------------------------------------------
@@ -124,12 +125,6 @@ class Engine:
     @property
     def max_steps(self) -> int:
         return max_inference_steps(self._base_scheduler_config)
-
-    @property
-    def supports_image_input(self) -> bool:
-        """Whether this library's pipeline takes `image=`/`strength=`/`mask_image=` (img2img and inpainting)."""
-        params = inspect.signature(self.pipe.__call__).parameters
-        return all(name in params for name in ("image", "strength", "mask_image"))
 
     @staticmethod
     def sampler_labels() -> dict[str, str]:
@@ -153,6 +148,8 @@ class Engine:
         """
         prompt, tags = split_lora_tags(prompt)
         chosen = dict(tags) | (requested or {})
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in chosen.values()):
+            raise ValueError("A LoRA scale is not a finite number; send numbers such as 0.8.")
         unknown = [name for name in chosen if name not in self.loras]
         if unknown:
             offered = ", ".join(self.loras) or "none (start the server with --lora or --lora-dir)"
@@ -190,9 +187,6 @@ class Engine:
 
             kwargs: dict[str, Any] = {}
             if first.image is not None:
-                if not self.supports_image_input:
-                    raise NotImplementedError("This ldm-app's pipeline has no image-to-image or inpainting yet; "
-                                              "update ldm-app, or use text-to-image.")
                 kwargs = {"image": [first.image] * len(chunk), "strength": first.strength}
                 if first.mask is not None:
                     kwargs["mask_image"] = [first.mask] * len(chunk)
@@ -227,9 +221,13 @@ class Engine:
         if request.sampler not in self._schedulers:
             self._schedulers[request.sampler] = make_scheduler(request.sampler, self._base_scheduler_config)
         self.pipe.scheduler = self._schedulers[request.sampler]
-        if self.loras:
-            names, scales = zip(*request.loras) if request.loras else ((), ())
-            self.pipe.set_adapters(list(names), list(scales))
+        if self.loras:  # only the LoRAs in use: peft runs every active adapter's branch, even at scale 0
+            active = [(name, scale) for name, scale in request.loras if scale]
+            if active:
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([name for name, _ in active], [scale for _, scale in active])
+            else:
+                self.pipe.disable_lora()
 
     # ------------------------------------------------------------------------------------------------------
     # Outputs
@@ -240,7 +238,7 @@ class Engine:
         return GenerationParams(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                                 guidance=request.guidance, eta=request.eta, sampler=request.sampler, seed=seed,
                                 width=request.width, height=request.height, model=self.model_name, dtype=self.dtype,
-                                loras=loras)
+                                loras=loras, strength=request.strength if request.image is not None else None)
 
     def png(self, image: PIL.Image.Image, params: GenerationParams) -> bytes:
         """PNG bytes with the same two metadata chunks `ldm-app generate` writes."""

@@ -30,6 +30,7 @@ def mount_ui(app: FastAPI) -> None:
     outputs = Path(tempfile.mkdtemp(prefix="ldm-app-ui-"))  # the PNGs gradio serves (it keeps its own copies)
     app.router.on_shutdown.append(lambda: shutil.rmtree(outputs, ignore_errors=True))
     blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs)
+    blocks.queue(max_size=app.state.settings.max_queue)  # gradio's own queue, bounded like the server's
     gr.mount_gradio_app(app, blocks, path="/", ssr_mode=False, footer_links=["api"], css=CSS,
                         max_file_size=app.state.settings.limits.max_body_bytes)
 

@@ -93,9 +93,6 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
     if mask is not None and image is None:
         raise ApiError(422, "a mask was sent without an image; send the image to inpaint too.", "mask")
     if image is not None:
-        if not engine.supports_image_input:
-            raise ApiError(501, "This ldm-app's pipeline has no image-to-image or inpainting yet; update ldm-app, "
-                                "or use text-to-image.", "init_images")
         image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
     if mask is not None:
         mask = mask.convert("L").resize((width, height), PIL.Image.Resampling.NEAREST)
@@ -138,5 +135,13 @@ def decode_base64(value: str, field: str) -> bytes:
                        field) from None
 
 
-def decode_base64_image(value: str, field: str, limits: Limits) -> PIL.Image.Image:
-    return decode_image_bytes(decode_base64(value, field), field, limits)
+def decode_base64_image(value: str, field: str, limits: Limits, keep_alpha: bool = False) -> PIL.Image.Image:
+    return decode_image_bytes(decode_base64(value, field), field, limits, keep_alpha)
+
+
+def a1111_mask(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A mask as A1111 reads one (`create_binary_mask`): its alpha channel where it has transparent pixels (strokes
+    on a transparent layer), else its brightness. White = repaint."""
+    if "A" in image.getbands() and image.getextrema()[-1] != (255, 255):
+        return image.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+    return image.convert("L")
