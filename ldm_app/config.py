@@ -282,6 +282,19 @@ def _check_ranges(config: Config) -> None:
         raise ValueError(f"train.learning_rate={t.learning_rate!r} must be > 0, e.g. train.learning_rate=1e-4.")
     if t.max_minutes is not None and not t.max_minutes >= 0:
         raise ValueError(f"train.max_minutes={t.max_minutes!r} must be >= 0 (or null for no time limit).")
+    o, lora = config.objective, config.lora
+    # (key, value, fits, what works); comparisons written so that NaN fails them
+    for key, value, fits, works in (
+        ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+        ("train.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "in [0, 1), e.g. 0.9"),
+        ("train.adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "in [0, 1), e.g. 0.999"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("objective.noise_offset", o.noise_offset, o.noise_offset >= 0, ">= 0 (0 = off)"),
+        ("objective.snr_gamma", o.snr_gamma, o.snr_gamma is None or o.snr_gamma > 0, "> 0, e.g. 5 (or null)"),
+        ("lora.alpha", lora.alpha, lora.alpha is None or 0 < lora.alpha < float("inf"), "> 0 (or null: α = rank)"),
+    ):
+        if not fits:
+            raise ValueError(f"{key}={value!r} must be {works}.")
     if not (_is_whole(d.resolution) and d.resolution >= 8 and d.resolution % 8 == 0):
         nearest = max(8, d.resolution // 8 * 8) if _is_whole(d.resolution) else 64
         raise ValueError(f"data.resolution={d.resolution!r} must be a positive multiple of 8 (the VAE downsamples by "

@@ -113,3 +113,11 @@ def test_push_to_hub_needs_a_repo_and_wandb_needs_wandb():
         with pytest.raises(ValueError, match="pip install wandb"):
             load_config(None, ["train.report_to=wandb"])
     assert load_config(None, ["train.report_to=none"]).train.report_to == "none"
+
+
+@pytest.mark.parametrize("override", ["train.adam_beta1=1.0", "train.adam_beta2=nan", "train.max_grad_norm=-1",
+                                      "train.weight_decay=-0.1", "objective.noise_offset=-1", "objective.snr_gamma=0",
+                                      "lora.alpha=0"])
+def test_optimizer_and_objective_settings_out_of_range_are_refused_by_name(override):
+    with pytest.raises(ValueError, match=override.split("=")[0].replace(".", r"\.") + "=.* must be"):
+        load_config(None, [override])
