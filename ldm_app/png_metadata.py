@@ -102,13 +102,18 @@ def a1111_text(p: GenerationParams) -> str:
     return f"{prompt}\nNegative prompt: {p.negative_prompt}\n{line}"
 
 
-def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> None:
-    """Write the PNG with both metadata chunks, atomically (a temp file in the same folder, then rename)."""
+def png_info(params: GenerationParams) -> PIL.PngImagePlugin.PngInfo:
+    """The two metadata chunks every ldm-app PNG carries: A1111's `parameters` text and ldm-app's JSON."""
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(A1111_KEY, a1111_text(params))
     info.add_text(JSON_KEY, json.dumps(dataclasses.asdict(params)))
+    return info
+
+
+def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> None:
+    """Write the PNG with both metadata chunks, atomically (a temp file in the same folder, then rename)."""
     with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=png_info(params))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,6 +204,21 @@ A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
 A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM")
 
 
+def split_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """A1111's infotext → (prompt, negative prompt, the last line's `Key: value` fields, unquoted). A text without
+    a parameter line (fewer than 3 fields) is all prompt, with no fields."""
+    *lines, last = text.strip().split("\n")
+    if len(A1111_FIELD.findall(last)) < 3:
+        lines, last = lines + [last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in (line.strip() for line in lines):
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {key.strip(): unquote(value.strip()) for key, value in A1111_FIELD.findall(last)}
+    return "\n".join(prompt), "\n".join(negative), fields
+
+
 def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams, list[str]]:
     """A1111's `parameters` text → (GenerationParams, the fields not used, as `Key: value`).
 
@@ -207,16 +227,10 @@ def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams
     does). The model is "default": a PNG never chooses which model gets loaded; `Model` is reported as ignored.
     An A1111 sampler we do not have is reported too, and ddim is used.
     """
-    *lines, last = text.strip().split("\n")
-    if len(A1111_FIELD.findall(last)) < 3:
+    prompt, negative, fields = split_infotext(text)
+    if not fields:
         raise ValueError(f"{source}: its A1111 parameters have no 'Steps: …, Sampler: …' line; pass a PNG written by "
                          "A1111 or ldm-app generate.")
-    prompt, negative, in_negative = [], [], False
-    for line in (line.strip() for line in lines):
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
-        (negative if in_negative else prompt).append(line)
-    fields = {key: unquote(value) for key, value in A1111_FIELD.findall(last)}
     missing = [key for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if key not in fields]
     if missing:
         raise ValueError(f"{source}: its A1111 parameters lack {', '.join(missing)}; pass a PNG written by A1111 or "
@@ -234,7 +248,7 @@ def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams
         raise ValueError(f"{source}: Size is {fields['Size']!r}, expected WIDTHxHEIGHT such as 512x512; pass a PNG "
                          "written by A1111 or ldm-app generate.")
     params = GenerationParams(
-        prompt="\n".join(prompt), negative_prompt="\n".join(negative), steps=a1111_number(fields, "Steps", int, source),
+        prompt=prompt, negative_prompt=negative, steps=a1111_number(fields, "Steps", int, source),
         guidance=a1111_number(fields, "CFG scale", float, source), sampler=sampler,
         eta=a1111_number(fields, "Eta DDIM", float, source) if sampler == "ddim" and "Eta DDIM" in fields else 0.0,
         seed=a1111_number(fields, "Seed", int, source), width=int(size.group(1)), height=int(size.group(2)),

@@ -6,9 +6,7 @@ module, so that changes in the library touch one file here. Only the queue's wor
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import math
 import random
 import re
@@ -18,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import PIL.Image
-import PIL.PngImagePlugin
 import torch
 
 from ..lora import split_lora_spec, split_lora_tags
 from ..pipeline import LdmPipeline
-from ..png_metadata import A1111_FIELD, A1111_KEY, JSON_KEY, GenerationParams, a1111_text, unquote
+from ..png_metadata import A1111_KEY, GenerationParams, a1111_text, png_info, split_infotext
 from ..samplers import SAMPLERS, make_scheduler, max_inference_steps, sampler_from_a1111
 
 
@@ -242,11 +239,8 @@ class Engine:
 
     def png(self, image: PIL.Image.Image, params: GenerationParams) -> bytes:
         """PNG bytes with the same two metadata chunks `ldm-app generate` writes."""
-        info = PIL.PngImagePlugin.PngInfo()
-        info.add_text(A1111_KEY, a1111_text(params))
-        info.add_text(JSON_KEY, json.dumps(dataclasses.asdict(params)))
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=info)
+        image.save(buffer, format="PNG", pnginfo=png_info(params))
         return buffer.getvalue()
 
     def infotext(self, params: GenerationParams) -> str:
@@ -273,19 +267,10 @@ def read_png_text(raw: bytes) -> tuple[str, dict[str, str], dict[str, Any]]:
 
 
 def parse_infotext(text: str) -> dict[str, Any]:
-    """A1111's infotext: prompt lines, `Negative prompt: ...` lines, then one line of `Key: value` pairs."""
-    *lines, last = text.strip().split("\n")
-    if len(A1111_FIELD.findall(last)) < 3:  # no parameter line: all of it is prompt
-        lines, last = lines + [last], ""
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    fields: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in A1111_FIELD.findall(last):
-        value = unquote(value.strip())
-        fields[key.strip()] = value
-        if key.strip() == "Size" and "x" in value:
-            fields["Size-1"], fields["Size-2"] = value.split("x", 1)
-    return fields
+    """A1111's infotext as A1111's /png-info returns it: `Prompt`, `Negative prompt`, every `Key: value`, and the
+    size split into `Size-1`/`Size-2`."""
+    prompt, negative, fields = split_infotext(text)
+    parsed: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative, **fields}
+    if "x" in fields.get("Size", ""):
+        parsed["Size-1"], parsed["Size-2"] = fields["Size"].split("x", 1)
+    return parsed
