@@ -77,10 +77,14 @@ def test_progress_moves_per_step_while_a_batch_runs(lora_client):
     assert client.get("/sdapi/v1/progress").json()["progress"] == 0  # idle again
 
 
-def test_lora_names_are_unique_stems():
+def test_lora_names_are_the_png_tag_names_made_unique():
+    from ldm_app.png_metadata import lora_name as tag_name
+
     taken = {"style": None}
     assert lora_name("/x/style.safetensors", taken) == "style_1"
-    assert lora_name("/x/my lora/", {}) == "my_lora"
+    for path in ("/x/my lora/", "/x/a.b/", "/x/style v2.safetensors"):  # what the server's PNGs write in <lora:…>
+        assert lora_name(path, {}) == tag_name(path.rstrip("/"))
+    assert lora_name("/x/a:b.safetensors", {}) == "a_b"  # a colon would end the tag's name
 
 
 def test_the_painted_layer_becomes_the_white_mask():

@@ -21,6 +21,7 @@ import torch
 from ..lora import split_lora_spec, split_lora_tags
 from ..pipeline import LdmPipeline
 from ..png_metadata import A1111_KEY, GenerationParams, a1111_text, png_info, split_infotext
+from ..png_metadata import lora_name as png_lora_name
 from ..samplers import SAMPLERS, make_scheduler, max_inference_steps, sampler_from_a1111
 
 
@@ -248,9 +249,9 @@ class Engine:
 
 
 def lora_name(path: str, taken: dict) -> str:
-    """A LoRA's public name: its file or folder stem, made unique; requests use it, never the path."""
-    stem = Path(path.rstrip("/")).stem or "lora"
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+    """A LoRA's public name: the name its PNGs' `<lora:name:…>` tags use, made unique (and without the characters
+    that end a tag); requests use it, never the path."""
+    stem = re.sub(r"[:<>]", "_", png_lora_name(path.rstrip("/"))) or "lora"
     name, i = stem, 1
     while name in taken:
         name, i = f"{stem}_{i}", i + 1
