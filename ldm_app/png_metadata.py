@@ -120,11 +120,6 @@ def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> No
 # Reading
 
 
-def read_params(path: str | os.PathLike) -> GenerationParams:
-    """The parameters a PNG was made with (ldm-app's, or A1111's); see `read_png` for the ignored fields."""
-    return read_png(path)[0]
-
-
 def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
     """The parameters a PNG was made with, and the `Key: value` fields of an A1111 PNG that ldm-app cannot use.
 
