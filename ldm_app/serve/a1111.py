@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from .app import run_job
 from .engine import ImageRequest, read_png_text
+from .jobs import run_job
 from .validation import ApiError, a1111_mask, decode_base64, decode_base64_image, image_request
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
@@ -82,7 +82,7 @@ def _request(http: Request, body: Txt2ImgRequest, image: PIL.Image.Image | None 
 
 async def _respond(http: Request, body: Txt2ImgRequest, request: ImageRequest) -> dict[str, Any]:
     engine = http.app.state.engine
-    images = await run_job(http, http.app.state.queue, request)
+    images = await run_job(http, request)
     params = [engine.params(request, seed) for seed in request.seeds]
     encoded = [base64.b64encode(engine.png(image, p)).decode() for image, p in zip(images, params)]
     return {"images": encoded if body.send_images else [],

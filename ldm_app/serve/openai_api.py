@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from .app import run_job
 from .engine import ImageRequest
+from .jobs import run_job
 from .validation import ApiError, decode_image_bytes, image_request, parse_size
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI"])
@@ -49,7 +49,7 @@ def _check_format(response_format: str | None) -> None:
 
 async def _respond(http: Request, request: ImageRequest) -> dict[str, Any]:
     engine = http.app.state.engine
-    images = await run_job(http, http.app.state.queue, request)
+    images = await run_job(http, request)
     data = [{"b64_json": base64.b64encode(engine.png(image, engine.params(request, seed))).decode(),
              "revised_prompt": None} for image, seed in zip(images, request.seeds)]
     return {"created": int(time.time()), "data": data}
