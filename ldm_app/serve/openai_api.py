@@ -17,6 +17,8 @@ import PIL.Image
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from .engine import ImageRequest
 from .jobs import run_job
@@ -73,7 +75,12 @@ async def edits(http: Request) -> dict[str, Any]:
     pixels are repainted; without a mask, the image's own transparent pixels are. With neither, image to image."""
     limits = http.app.state.settings.limits
     try:
-        form = await http.form()
+        form = await http.form(max_files=4, max_fields=64)  # image, mask and a dozen fields at most
+    except (MultiPartException, HTTPException) as err:  # starlette's limits on parts (it raises them as a 400)
+        detail = str(getattr(err, "detail", err))
+        status = 413 if "maximum" in detail.lower() else 422
+        raise ApiError(status, f"the multipart body was refused: {detail.rstrip('.')}; send the image, the mask "
+                               "and the text fields only.") from None
     except Exception:  # noqa: BLE001  (python-multipart's parse errors have no common base class)
         raise ApiError(422, "the body is not multipart/form-data; send the image (and mask) as files.") from None
     image_file = form.get("image") or form.get("image[]")
