@@ -281,3 +281,79 @@ def test_sigterm_answers_waiting_requests_503_and_ends_the_running_batch(model_d
         assert r.status_code == 503 and "shutting down" in r.json()["detail"], r.text
     text = log.read_text(errors="replace")
     assert "Traceback" not in text and "CancelledError" not in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No calls home; temp files
+
+
+class ProxySink:
+    """A local 'proxy' that records every connection made to it (and answers nothing): pointed to by
+    HTTP(S)_PROXY, it catches any outbound request a library makes with the usual HTTP clients."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(2)
+            try:
+                self.requests.append(conn.recv(4096).split(b"\r\n")[0])
+            except OSError:
+                self.requests.append(b"(connected)")
+            conn.close()
+
+    def env(self, tmp: str) -> dict[str, str]:
+        return {"HTTP_PROXY": self.url, "HTTPS_PROXY": self.url, "ALL_PROXY": self.url, "http_proxy": self.url,
+                "https_proxy": self.url, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+                "TMPDIR": tmp, "HF_HUB_OFFLINE": "0"}  # online as far as the libraries know: only the sink stops them
+
+
+@pytest.mark.parametrize("telemetry", [False, True])
+def test_the_ui_server_calls_no_one_unless_asked_and_keeps_its_temp_files_private(model_dir, tmp_path, telemetry):
+    sink = ProxySink()
+    orphan = tmp_path / "ldm-app-serve-999999999-left-by-kill-9"  # a server killed with SIGKILL left this
+    (orphan / "ldm-app-ui-x").mkdir(parents=True)
+    flags = ["--telemetry"] if telemetry else []
+    proc, url = start_server(["--model", str(model_dir / "model"), "--device", "cpu", "--threads", "1", *flags],
+                             log_path=str(tmp_path / "ui.log"), env=sink.env(str(tmp_path)))
+    try:
+        assert not orphan.exists()
+        (private,) = tmp_path.glob(f"ldm-app-serve-{proc.pid}-*")
+        upload = httpx.post(url + "/gradio_api/upload", files={"files": ("a.png", png(8, 8, {}), "image/png")},
+                            timeout=30, trust_env=False)
+        assert upload.status_code == 200, upload.text
+        (stored,) = upload.json()
+        assert stored.startswith(str(private / "gradio"))
+        time.sleep(3)  # gradio's version check and analytics start in threads as the UI is built
+    finally:
+        stop_server(proc)
+    assert not private.exists()  # uploads, gradio's cache and the UI's PNGs went with the server
+    if telemetry:
+        assert any(b"api.gradio.app" in line for line in sink.requests), sink.requests  # the sink does catch it
+    else:
+        assert sink.requests == []
+
+
+def test_the_sweeper_deletes_old_uploads_and_keeps_the_folders_it_writes_into(tmp_path):
+    from ldm_app.serve.tempfiles import remove_orphans, sweep
+
+    old, new = tmp_path / "gradio" / "abc" / "old.png", tmp_path / "ldm-app-ui-x" / "new.png"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    now = time.time()
+    assert sweep(tmp_path, max_age=3600, now=now + 1800) == 0
+    assert sweep(tmp_path, max_age=3600, now=now + 7200) == 2
+    assert not (tmp_path / "gradio" / "abc").exists()  # an upload's own folder goes with it
+    assert (tmp_path / "gradio").is_dir() and (tmp_path / "ldm-app-ui-x").is_dir()  # still written into
+    alive = tmp_path / f"ldm-app-serve-{__import__('os').getpid()}-live"
+    alive.mkdir()
+    assert remove_orphans(tmp_path) == [] and alive.is_dir()  # a running server's folder is left alone
