@@ -3,6 +3,7 @@ nothing or drip their headers, hostile PNGs and strings, WebSockets without the 
 waiting, weak and non-ASCII keys. Every wait is bounded."""
 
 import base64
+import os
 import json
 import socket
 import struct
@@ -113,7 +114,8 @@ def test_idle_and_dripping_connections_neither_lock_out_clients_nor_stay_open(se
         for sock in idle + dripping + [body_stalled]:
             sock.close()
     assert httpx.get(url + "/healthz", timeout=10, trust_env=False).status_code == 200
-    assert "Traceback" not in log.read_text(errors="replace")
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "1 CPU threads" in text.splitlines()[0]  # --threads 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,6 +356,6 @@ def test_the_sweeper_deletes_old_uploads_and_keeps_the_folders_it_writes_into(tm
     assert sweep(tmp_path, max_age=3600, now=now + 7200) == 2
     assert not (tmp_path / "gradio" / "abc").exists()  # an upload's own folder goes with it
     assert (tmp_path / "gradio").is_dir() and (tmp_path / "ldm-app-ui-x").is_dir()  # still written into
-    alive = tmp_path / f"ldm-app-serve-{__import__('os').getpid()}-live"
+    alive = tmp_path / f"ldm-app-serve-{os.getpid()}-live"
     alive.mkdir()
     assert remove_orphans(tmp_path) == [] and alive.is_dir()  # a running server's folder is left alone
