@@ -46,8 +46,8 @@ def install_error_handlers(app: FastAPI) -> None:
         request, err.status_code, http_message(err), headers=getattr(err, "headers", None)))
     app.add_exception_handler(QueueFull, lambda request, err: error_response(
         request, 503, str(err), headers={"Retry-After": str(err.retry_after)}))
-    app.add_exception_handler(ShuttingDown, lambda request, err: error_response(
-        request, 503, str(err), headers={"Connection": "close"}))
+    app.add_exception_handler(ShuttingDown, lambda request, err: error_response(  # a QueueFull: Starlette picks the closest class
+        request, 503, str(err), headers={"Retry-After": str(err.retry_after), "Connection": "close"}))
     app.add_exception_handler(Exception, internal_error)
 
 

@@ -27,11 +27,13 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class ShuttingDown(Exception):
-    """The server is stopping: waiting and running requests end with this (a 503), new ones are refused."""
+class ShuttingDown(QueueFull):
+    """The server is stopping: new requests are refused with this, and waiting and running ones end with it
+    (a 503 that says so). A kind of QueueFull, so that every door that handles a full queue handles it too."""
 
     def __init__(self) -> None:
-        super().__init__("The server is shutting down; retry in a moment, or on another server.")
+        Exception.__init__(self, "The server is shutting down; retry in a moment, or on another server.")
+        self.retry_after = 5
 
 
 @dataclass(eq=False)
