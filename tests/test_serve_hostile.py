@@ -359,3 +359,42 @@ def test_the_sweeper_deletes_old_uploads_and_keeps_the_folders_it_writes_into(tm
     alive = tmp_path / f"ldm-app-serve-{os.getpid()}-live"
     alive.mkdir()
     assert remove_orphans(tmp_path) == [] and alive.is_dir()  # a running server's folder is left alone
+
+
+def test_past_the_socket_cap_the_oldest_idle_socket_makes_room():
+    """In-process uvicorn with the server's protocol and a cap of 4 sockets: a fifth, real client is served, and
+    the socket that has waited longest without sending its head is the one closed."""
+    import uvicorn
+
+    from ldm_app.serve.connections import deadline_protocol
+    from ldm_app.serve.process import free_port
+    from ldm_app.serve.settings import Settings
+
+    async def hello(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    protocol = deadline_protocol(Settings(head_timeout=30, max_connections=4))
+    server = uvicorn.Server(uvicorn.Config(hello, host="127.0.0.1", port=port, http=protocol, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(0.1)  # so that their ages differ
+        r = httpx.get(f"http://127.0.0.1:{port}/", timeout=10, trust_env=False)
+        assert r.status_code == 200 and r.text == "ok"
+        assert closed_by_server(idle[0], within=5) is not None  # the oldest made room
+        assert all(closed_by_server(sock, within=0.3) is None for sock in idle[1:])  # the others wait on
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        for sock in idle:
+            sock.close()

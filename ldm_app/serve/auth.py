@@ -131,7 +131,7 @@ def add_login(app: FastAPI, api_key: str, sessions: Sessions) -> None:
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         form = await request.form()
-        if not same_secret(str(form.get("key", "")).encode("utf-8", "surrogateescape"), api_key.encode("utf-8")):
+        if not same_secret(str(form.get("key", "")).encode("utf-8", "surrogatepass"), api_key.encode("utf-8")):
             return HTMLResponse(LOGIN_PAGE.format(message="Wrong key.", hours=hours), status_code=401)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(SESSION_COOKIE, sessions.new(), max_age=sessions.max_age, httponly=True,
