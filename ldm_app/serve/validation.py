@@ -13,6 +13,7 @@ import math
 import PIL.Image
 
 from ..images import to_rgb
+from ..sizes import plan_size
 from .engine import Engine, ImageRequest
 from .settings import Limits
 
@@ -42,7 +43,8 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
                   width: int | None = None, height: int | None = None, n: int = 1,
                   loras: dict[str, float] | None = None, image: PIL.Image.Image | None = None,
                   mask: PIL.Image.Image | None = None, strength: float = 0.75) -> ImageRequest:
-    """Check every field against the model and the server's limits; images are resized to width × height."""
+    """Check every field against the model and the server's limits; input images are resized to the size drawn
+    (`sizes.plan_size`: width × height, or the native size for sizes far above it)."""
     # 1. Text
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if len(text) > limits.max_prompt_chars:
@@ -89,18 +91,22 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
         raise ApiError(422, f"{width}x{height} is {width * height} pixels; the server allows at most "
                             f"{limits.max_pixels} per image (--max-pixels).", "width")
 
-    # 4. Input image and mask, at the output size
+    plan = plan_size(width, height, engine.default_size, factor)  # far above the native size: drawn smaller
+
+    # 4. Input image and mask, at the size drawn
+    draw_size = (plan.draw_width, plan.draw_height)
     if mask is not None and image is None:
         raise ApiError(422, "a mask was sent without an image; send the image to inpaint too.", "mask")
     if image is not None:
-        image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+        image = image.resize(draw_size, PIL.Image.Resampling.LANCZOS)
     if mask is not None:
-        mask = mask.convert("L").resize((width, height), PIL.Image.Resampling.NEAREST)
+        mask = mask.convert("L").resize(draw_size, PIL.Image.Resampling.NEAREST)
         if mask.getextrema()[1] < 128:
             raise ApiError(422, "the mask is all black, so there is nothing to repaint; paint the area to change "
                                 "white.", "mask")
     return ImageRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=float(guidance),
-                        eta=float(eta), sampler=sampler, seed=seed, width=width, height=height, n=n,
+                        eta=float(eta), sampler=sampler, seed=seed, width=width, height=height,
+                        drawn=draw_size if plan.resized else None, n=n,
                         loras=lora_scales, image=image, mask=mask, strength=float(strength))
 
 
