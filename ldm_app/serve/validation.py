@@ -13,6 +13,7 @@ import math
 import PIL.Image
 
 from ..images import to_rgb
+from ..inversion import METHODS
 from ..sizes import plan_size
 from .engine import Engine, ImageRequest
 from .settings import Limits
@@ -151,3 +152,23 @@ def a1111_mask(image: PIL.Image.Image) -> PIL.Image.Image:
     if "A" in image.getbands() and image.getextrema()[-1] != (255, 255):
         return image.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     return image.convert("L")
+
+
+def check_edit(engine: Engine, limits: Limits, *, source: str, target: str, method: str, steps: int,
+               guidance: float, cross_attention: float) -> None:
+    """Invert & edit's fields (the UI's fifth door), checked against the same limits as `image_request`."""
+    for name, text in (("source prompt", source), ("target prompt", target)):
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(422, "Describe the image (source prompt) and what it should become (target prompt).", name)
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(422, f"The {name} has {len(text)} characters; the server accepts at most "
+                                f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
+    if method not in METHODS:
+        raise ApiError(422, f"inversion={method!r}; use one of {', '.join(METHODS)}.", "method")
+    max_steps = min(limits.max_steps, engine.max_steps)
+    if not 2 <= steps <= max_steps:
+        raise ApiError(422, f"steps={steps}; use 2 to {max_steps} (25 is typical).", "steps")
+    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
+        raise ApiError(422, f"guidance={guidance}; use a number from 0 to 100 (5 is typical).", "guidance")
+    if not math.isfinite(cross_attention) or not 0 <= cross_attention <= 1:
+        raise ApiError(422, f"cross-attention injection={cross_attention}; use a number from 0 to 1.", "cross")
