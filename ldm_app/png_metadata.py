@@ -60,6 +60,7 @@ class GenerationParams:
     mask_sha256: str | None = None
     paste_back: bool = True  # inpainting: the input's pixels pasted back outside the mask
     mask_feather: int | None = None  # inpainting: the paste-back's feather in pixels (None: the VAE factor)
+    drawn_at: str | None = None  # "WxH" when the model drew smaller and resized up to width × height (sizes.py)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,6 +93,7 @@ def a1111_text(p: GenerationParams) -> str:
         "CFG scale": p.guidance,
         "Seed": p.seed,
         "Size": f"{p.width}x{p.height}",
+        "Drawn at": p.drawn_at,
         "Model": p.model,
         "Denoising strength": p.strength,
         # A1111 reads DDIM's η as `Eta DDIM`; DDPM is written as DDIM at η = 1 (see samplers.py)
@@ -189,6 +191,8 @@ def checked(p: GenerationParams, source: str) -> GenerationParams:
         ("mask_sha256", p.mask_sha256 is None or isinstance(p.mask_sha256, str), "a hex digest"),
         ("paste_back", isinstance(p.paste_back, bool), "true or false"),
         ("mask_feather", p.mask_feather is None or integer(p.mask_feather, 0), "a whole number ≥ 0"),
+        ("drawn_at", p.drawn_at is None or (isinstance(p.drawn_at, str) and A1111_SIZE.match(p.drawn_at) is not None),
+         "WIDTHxHEIGHT"),
     ]
     for name, ok, expected in rules:
         if not ok:
@@ -207,7 +211,8 @@ A1111_KEY_RUN = re.compile(r"[\w \-/]+")
 A1111_WORD = re.compile(r"\w")
 A1111_VALUE = re.compile(r'\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
-A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM")
+A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM",
+              "Drawn at")  # Drawn at: what sizes.py made of Size, made again from it
 
 
 def infotext_fields(line: str) -> list[tuple[str, str]]:
