@@ -17,7 +17,7 @@ import click
 from ..loading import DEFAULT_MODEL
 from ..samplers import SAMPLERS
 from .common import (UserError, device_option, dtype_option, finite, model_option, notes,
-                     quiet_option, utf8_text, variant_option)
+                     quiet_option, threads_option, utf8_text, variant_option)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -127,17 +127,19 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
               help="LoRA file or folder, optionally with a scale (repeatable).")
 @click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
               help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
+@threads_option
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
-             loras: tuple[str, ...], lora_dir: str | None, quiet: bool) -> None:
+             loras: tuple[str, ...], lora_dir: str | None, threads: int | None, quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written."""
     import PIL.Image
     import torch
 
     from ..images import file_sha256
+    from ..threads import use_threads
     from ..loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
     from ..png_metadata import GenerationParams, save_png
     from ..samplers import make_scheduler
@@ -176,6 +178,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         grid_path = paths[0].with_name(paths[0].stem + "-grid.png") if grid else None
         if grid_path is not None and grid_path.exists() and not overwrite:
             raise UserError(f"{grid_path} already exists; pass --overwrite or choose another --output.")
+        use_threads(threads)
         dev = pick_device(device)
         weights_dtype = pick_dtype(dtype, dev)
         dtype = dtype_name(weights_dtype)  # as resolved, for the PNG

@@ -48,6 +48,9 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
     (`sizes.plan_size`: width × height, or the native size for sizes far above it)."""
     # 1. Text
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not is_utf8(text):
+            raise ApiError(422, f"{name} holds a lone surrogate (such as \"\\ud800\"), which is not text; send "
+                                "UTF-8 text (a JSON \\u escape must pair a high and a low surrogate).", name)
         if len(text) > limits.max_prompt_chars:
             raise ApiError(422, f"{name} has {len(text)} characters; the server accepts at most "
                                 f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
@@ -111,18 +114,31 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
                         loras=lora_scales, image=image, mask=mask, strength=float(strength))
 
 
+def is_utf8(text: str) -> bool:
+    """False for strings with lone surrogates: JSON's "\\ud800" decodes to one, and neither the tokenizer nor
+    the PNG writer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_image_bytes(raw: bytes, field: str, limits: Limits, keep_alpha: bool = False) -> PIL.Image.Image:
     """An uploaded image as RGB (or RGBA with `keep_alpha`); a 4xx for non-images and oversized images."""
     try:
         image = PIL.Image.open(io.BytesIO(raw))
         w, h = image.size
         if w * h > 4 * limits.max_pixels:  # checked before decoding: a small file can expand to gigabytes
-            raise ApiError(413, f"{field} is {w}x{h}; send an image of at most {4 * limits.max_pixels} pixels.",
+            raise ApiError(413, f"{field} is too large ({w}x{h}); send an image of at most {4 * limits.max_pixels} pixels.",
                            field)
         image.load()
     except ApiError:
         raise
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+    except PIL.Image.DecompressionBombError:
+        raise ApiError(413, f"{field} is too large: it declares more pixels than PIL's safety limit; send an image "
+                            f"of at most {4 * limits.max_pixels} pixels.", field) from None
+    except (OSError, ValueError, SyntaxError):
         raise ApiError(422, f"{field} is not an image PIL can read; send a PNG, JPEG or WebP.", field) from None
     if keep_alpha and "A" in image.getbands():
         return image.convert("RGBA")
