@@ -415,7 +415,7 @@ class Handlers:
             return None
         try:
             return job.future.result()
-        except (ValueError, NotImplementedError) as err:
+        except (ValueError, NotImplementedError, QueueFull) as err:  # QueueFull: also the server shutting down
             raise gr.Error(str(err)) from None
 
     # Files
