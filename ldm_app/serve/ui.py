@@ -48,18 +48,6 @@ def mount_ui(app: FastAPI) -> None:
                         max_file_size=app.state.settings.limits.max_body_bytes)
 
 
-class ImageUpload(gr.Image):
-    """gr.Image whose upload of a file that is not an image is one sentence, not gradio's processing error."""
-
-    is_template = True  # rendered by gr.Image's frontend
-
-    def preprocess(self, payload: Any) -> Any:
-        try:
-            return super().preprocess(payload)
-        except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
-            raise gr.Error("That file is not an image; upload a PNG, JPEG or WebP.") from None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Components, one function per part of the page
 
@@ -84,7 +72,7 @@ class Form:
     loras: gr.Dropdown
     lora_weight: gr.Slider
     history: gr.State
-    init: ImageUpload  # image to image
+    init: gr.Image  # image to image
     img2img_strength: gr.Slider
     editor: gr.ImageEditor  # inpainting
     inpaint_strength: gr.Slider
@@ -132,9 +120,9 @@ def text_tab() -> tuple[gr.Tab, gr.Button]:
         return tab, gr.Button("Generate", variant="primary", elem_id="generate")
 
 
-def image_tab() -> tuple[gr.Tab, ImageUpload, gr.Slider, gr.Button]:
+def image_tab() -> tuple[gr.Tab, gr.Image, gr.Slider, gr.Button]:
     with gr.Tab("Image to image", id="img2img") as tab:
-        init = ImageUpload(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
+        init = gr.Image(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
         strength = gr.Slider(0, 1, value=STRENGTH["img2img"], step=0.05, elem_id="strength-img2img",
                              label="Denoising strength (0 keeps the image, 1 ignores it)")
         button = gr.Button("Generate from image", variant="primary", elem_id="generate-img2img")
@@ -155,7 +143,7 @@ def inpaint_tab() -> tuple[gr.Tab, gr.ImageEditor, gr.Slider, gr.Button]:
 @dataclass
 class EditTab:
     tab: gr.Tab
-    image: ImageUpload
+    image: gr.Image
     source: gr.Textbox
     target: gr.Textbox
     method: gr.Dropdown
@@ -170,7 +158,7 @@ class EditTab:
 
 def edit_tab(engine: Engine, limits: Limits) -> EditTab:
     with gr.Tab("Invert & edit", id="edit") as tab:
-        image = ImageUpload(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
+        image = gr.Image(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
         source = gr.Textbox(label="Source prompt (what the image shows)", elem_id="edit-source")
         target = gr.Textbox(label="Target prompt (what it should become)", elem_id="edit-target")
         with gr.Row():
@@ -273,9 +261,11 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> 
             tab.select(functools.partial(layout, tab_id), None, shown, queue=False)
         generated = [*results.outputs(), history, history_gallery]
         txt2img_button.click(ui.txt2img, form.inputs(), generated)
-        img2img_button.click(ui.img2img, form.inputs("init", "img2img_strength"), generated)
+        # uploads reach the handlers unprocessed (preprocess=False) and are read as the APIs read theirs: a file
+        # that is not an image is one sentence, not gradio's "Could not preprocess input component"
+        img2img_button.click(ui.img2img, form.inputs("init", "img2img_strength"), generated, preprocess=False)
         inpaint_button.click(ui.inpaint, form.inputs("editor", "inpaint_strength"), generated)
-        edit.button.click(ui.invert_edit, [*edit.inputs(), history], generated)
+        edit.button.click(ui.invert_edit, [*edit.inputs(), history], generated, preprocess=False)
         results.stop.click(ui.stop, None, results.note, queue=False)
         reuse.click(lambda s: s, results.seed, form.seed, queue=False)
         form.width.change(ui.size_note, [form.width, form.height], size_note, queue=False)
@@ -359,7 +349,7 @@ class Handlers:
         except ApiError as err:
             raise gr.Error(err.message) from None
 
-    def invert_edit(self, path: str | None, source: str, target: str, method: str, steps: float, guidance: float,
+    def invert_edit(self, path: dict | None, source: str, target: str, method: str, steps: float, guidance: float,
                     cross: float, history: list, request: gr.Request, progress: gr.Progress = gr.Progress()) -> list:
         if path is None:
             raise gr.Error("Upload the image to edit.")
@@ -420,8 +410,12 @@ class Handlers:
 
     # Files
 
-    def _read_image(self, path: str) -> PIL.Image.Image:
-        """An upload, checked as the APIs check theirs (readable, not a decompression bomb)."""
+    def _read_image(self, upload: dict | str) -> PIL.Image.Image:
+        """An upload (gradio's unprocessed file data, already checked to lie in its upload folder), read as the
+        APIs read theirs: an image, within the pixel limit."""
+        path = upload.get("path") if isinstance(upload, dict) else upload
+        if not isinstance(path, str):
+            raise gr.Error("Upload the image again; its file did not arrive.")
         try:
             return decode_image_bytes(Path(path).read_bytes(), "The uploaded file", self.limits)
         except ApiError as err:
