@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_app.pipeline import LdmPipeline, cast_quietly
-from ldm_app.single_file import SD_V1_CONFIG, checkpoint_family, from_single_file, load_model
+from ldm_app.loading import load_model
+from ldm_app.single_file import SD_V1_CONFIG, checkpoint_family
 from ldm_app.testing import tiny_pipeline
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -87,7 +88,7 @@ def test_a_single_file_checkpoint_gives_the_same_image_as_the_components_it_was_
     pipe.save_pretrained(tmp_path / "config")  # the diffusers-format configs and tokenizer of this tiny model
     save_file(to_original_layout(pipe), tmp_path / "model.safetensors")
     pipe = cast_quietly(pipe, torch.float32)
-    loaded = from_single_file(tmp_path / "model.safetensors", config=tmp_path / "config")
+    loaded = LdmPipeline.from_single_file(tmp_path / "model.safetensors", config=tmp_path / "config")
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded, LdmPipeline)
     assert {m.dtype for m in (loaded.unet, loaded.vae, loaded.text_encoder)} == {torch.float32}  # fp32 unless told
