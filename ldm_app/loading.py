@@ -143,25 +143,27 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant:
     return pipe
 
 
-def apply_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> None:
-    """Load each LoRA as its own adapter and activate them all with their scales."""
+def load_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Load each LoRA ("PATH[:SCALE]": a file, a folder or a hub id) as its own adapter, inactive until a request
+    names it (`generation.activate_loras`); returns PATH → adapter name."""
     from .lora import split_lora_spec
 
-    names, scales = [], []
-    for i, spec in enumerate(specs):
-        path, scale = split_lora_spec(spec)
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        path, _ = split_lora_spec(spec)
+        if path in adapters:
+            continue
         local = Path(path).expanduser()
         if not local.exists() and (path.endswith(".safetensors") or looks_local(path)):
             raise ValueError(f"--lora {path}: no such file or folder; pass a LoRA .safetensors file, a folder with "
                              "one, or a hub id.")
+        name = f"lora_{len(adapters)}"
         try:
-            pipe.load_lora_weights(str(local) if local.exists() else path, adapter_name=f"lora_{i}")
+            pipe.load_lora_weights(str(local) if local.exists() else path, adapter_name=name)
         except (ValueError, OSError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             question = " Was it made for this model?" if isinstance(err, RuntimeError) or "matches no module" in reason \
                 else ""  # RuntimeError: tensor shapes of another model
             raise ValueError(f"Cannot load LoRA {path}: {reason.rstrip('.')}.{question}") from None
-        names.append(f"lora_{i}")
-        scales.append(scale)
-    if names:
-        pipe.set_adapters(names, scales)
+        adapters[path] = name
+    return adapters

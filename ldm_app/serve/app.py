@@ -15,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, ImageRequest
+from ..request import GenerationRequest
+from .engine import Engine
 from .queue import Job, JobQueue, QueueFull
 from .settings import Settings
 from .validation import ApiError
@@ -82,7 +83,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def run_job(request: Request, queue: JobQueue, image_request: ImageRequest | None = None,
+async def run_job(request: Request, queue: JobQueue, image_request: GenerationRequest | None = None,
                   task: Any = None) -> Any:
     """Queue the work and wait for it; if the client disconnects first its job is dropped (or its batch stops)."""
     job = queue.submit(image_request, task)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from .app import run_job
-from .engine import ImageRequest
+from ..request import GenerationRequest as ImageRequest  # OpenAI's body below is named GenerationRequest
 from .validation import ApiError, decode_image_bytes, image_request, parse_size
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI"])

@@ -15,7 +15,8 @@ import numpy as np
 import PIL.Image
 from fastapi import FastAPI
 
-from .engine import Engine, ImageRequest, read_png_text
+from ..request import GenerationRequest
+from .engine import Engine, read_png_text
 from .queue import JobQueue, QueueFull
 from .validation import ApiError, image_request
 
@@ -61,7 +62,7 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any, outputs: Path) -> gr.
 
     def settings_request(prompt: str, negative: str, sampler: str, steps: float, guidance: float, eta: float,
                          seed: float, width: float, height: float, count: float, lora_scales: list[float],
-                         **image_kwargs: Any) -> ImageRequest:
+                         **image_kwargs: Any) -> GenerationRequest:
         loras = dict(zip(engine.loras, lora_scales))
         try:
             return image_request(engine, limits, prompt=prompt, negative_prompt=negative, steps=int(steps),
@@ -71,7 +72,7 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any, outputs: Path) -> gr.
         except ApiError as err:
             raise gr.Error(err.message) from None
 
-    def save(request: ImageRequest, images: list[PIL.Image.Image]) -> list[str]:
+    def save(request: GenerationRequest, images: list[PIL.Image.Image]) -> list[str]:
         paths = []
         for image, seed in zip(images, request.seeds):
             path = outputs / f"ldm-{seed}-{time.time_ns()}.png"
