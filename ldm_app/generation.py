@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import PIL.Image
 import torch
 
 from .lora import split_lora_spec
@@ -19,8 +20,6 @@ from .request import GenerationRequest
 from .samplers import make_scheduler
 
 if TYPE_CHECKING:
-    import PIL.Image
-
     from .pipeline import LdmPipeline
 
 ProgressHook = Callable[[int, int], None]  # (denoising steps done, steps in all) over the whole call
@@ -35,7 +34,8 @@ def generate_images(pipe: LdmPipeline, requests: Sequence[GenerationRequest], ba
     sampler becomes the pipeline's scheduler (None keeps the pipeline's own). `adapters` maps the LoRA paths that
     requests name (`loras`, "PATH[:SCALE]") to the adapters loaded for them (`loading.load_loras`): each group of
     requests runs with exactly its LoRAs active; without `adapters` the pipeline's LoRA state is left as it is.
-    `on_step(done, total)` is called after every denoising step (a server's progress, or its interruption).
+    `on_step(done, total)` is called after every denoising step (a server's progress, or its interruption). A
+    size far above the model's native one is drawn smaller and resized up (`sizes.plan_size`).
     """
     requests = [r.resolved(pipe) for r in requests]
     groups = _groups(requests)
@@ -49,16 +49,18 @@ def generate_images(pipe: LdmPipeline, requests: Sequence[GenerationRequest], ba
         if adapters:
             activate_loras(pipe, first.loras, adapters)
         steps = _denoising_steps(first)
+        width, height = first.draw_size
         for chunk in chunks:
             out = pipe([requests[r].prompt for r, _ in chunk],
                        negative_prompt=[requests[r].negative_prompt for r, _ in chunk],
-                       height=first.height, width=first.width, num_inference_steps=first.steps,
+                       height=height, width=width, num_inference_steps=first.steps,
                        guidance_scale=first.guidance, eta=first.eta,
                        generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
                        callback_on_step_end=None if on_step is None else _progress(on_step, done, total),
                        **_image_kwargs(first))
-            for (r, _), image in zip(chunk, out.images):
-                images[r].append(image)
+            for (r, _), image in zip(chunk, out.images):  # each to its own size (`sizes.plan_size`)
+                size = (requests[r].width, requests[r].height)
+                images[r].append(image if image.size == size else image.resize(size, PIL.Image.Resampling.LANCZOS))
             done += steps
     return images
 

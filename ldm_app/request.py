@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .samplers import SAMPLERS, max_inference_steps
+from .sizes import plan_size
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -28,6 +30,7 @@ MAX_SIZE = 4096  # pixels per side: far past any SD-1.x model, and still a bound
 MAX_SEED = 2**63 - 1  # seeds are CPU generator seeds: 0 … 2^63 − 1
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names users type → torch dtype names
 DTYPE_NAMES = ("auto", *DTYPES)  # what a request may record (`auto`: fp16 on CUDA, fp32 elsewhere)
+SIZE = re.compile(r"(\d+)x(\d+)")  # "WIDTHxHEIGHT", as A1111 writes sizes
 
 
 @dataclass
@@ -41,8 +44,10 @@ class GenerationRequest:
     eta: float = 0.0  # DDIM's η (other samplers ignore it): 0 deterministic, 1 ≈ DDPM
     sampler: str | None = "ddim"  # a key of SAMPLERS; None keeps the pipeline's own scheduler (training grids)
     seed: int = 0  # the first image's seed
-    width: int | None = None  # None: the model's native size (filled in by `resolved`)
+    width: int | None = None  # the images' size; None: the model's native size (filled in by `resolved`)
     height: int | None = None
+    drawn_at: str | None = None  # "WxH" the model draws at when width × height is far above its native size, then
+    # resizes up (`sizes.plan_size`); made again by `resolved`, never taken from outside
     n: int = 1  # images, seeds seed … seed + n − 1
     loras: list[str] = field(default_factory=list)  # "PATH[:SCALE]", as --lora takes them
     strength: float | None = None  # with an image: the fraction of the schedule that redraws it (None: 0.8, 1 inpainting)
@@ -59,6 +64,14 @@ class GenerationRequest:
     mask_sha256: str | None = None
 
     @property
+    def draw_size(self) -> tuple[int | None, int | None]:
+        """(width, height) the model draws at."""
+        if self.drawn_at is None:
+            return self.width, self.height
+        width, height = self.drawn_at.split("x")
+        return int(width), int(height)
+
+    @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n)]
 
@@ -71,7 +84,7 @@ class GenerationRequest:
         with an input image run alone."""
         if self.image is not None:
             return None
-        return (self.width, self.height, self.steps, self.sampler, self.guidance, self.eta, tuple(self.loras))
+        return (self.draw_size, self.steps, self.sampler, self.guidance, self.eta, tuple(self.loras))
 
     def checked(self, names: dict[str, str] | None = None) -> "GenerationRequest":
         """This request if every value has the right type and range; else a ValueError naming the first bad one
@@ -85,8 +98,8 @@ class GenerationRequest:
 
     def resolved(self, pipe: LdmPipeline, max_steps: int | None = None) -> "GenerationRequest":
         """This request checked against the model that will run it, its defaults filled in: width and height (the
-        model's native size), strength (0.8 for image-to-image, 1 for inpainting). `max_steps` lowers the schedule's
-        own limit (a server's)."""
+        model's native size), the size drawn at (`sizes.plan_size`), strength (0.8 for image-to-image, 1 for
+        inpainting). `max_steps` lowers the schedule's own limit (a server's)."""
         self.checked()
         width = pipe.default_size if self.width is None else self.width
         height = pipe.default_size if self.height is None else self.height
@@ -97,14 +110,15 @@ class GenerationRequest:
             check_steps("steps", self.steps, max_steps, f"this server allows at most {max_steps} (--max-steps)")
         check_steps("steps", self.steps, limit)
         strength = pipe.check_image_inputs(self.image, self.mask, self.strength, self.mask_feather)
-        return dataclasses.replace(self, width=width, height=height, strength=strength)
+        drawn_at = plan_size(width, height, pipe.default_size, pipe.vae_scale_factor).drawn_at
+        return dataclasses.replace(self, width=width, height=height, drawn_at=drawn_at, strength=strength)
 
 
 def _field_rules(r: GenerationRequest) -> list[tuple[str, bool, str]]:
     """(field, whether its value is valid, what is expected) for every field of `r`."""
     return [
-        ("prompt", isinstance(r.prompt, str), "a string"),
-        ("negative_prompt", isinstance(r.negative_prompt, str), "a string"),
+        ("prompt", _text(r.prompt), "UTF-8 text"),
+        ("negative_prompt", _text(r.negative_prompt), "UTF-8 text"),
         ("steps", _integer(r.steps, 1), "a whole number ≥ 1"),
         ("guidance", _number(r.guidance) and r.guidance >= 0, "a number ≥ 0"),
         ("eta", _number(r.eta) and 0 <= r.eta <= 1, "a number from 0 to 1"),
@@ -115,6 +129,8 @@ def _field_rules(r: GenerationRequest) -> list[tuple[str, bool, str]]:
          f"a whole number from 0 to {MAX_SEED - (r.n - 1 if _integer(r.n, 1) else 0)}"),
         ("width", r.width is None or _integer(r.width, 1), "a whole number ≥ 1"),
         ("height", r.height is None or _integer(r.height, 1), "a whole number ≥ 1"),
+        ("drawn_at", r.drawn_at is None or (isinstance(r.drawn_at, str) and SIZE.fullmatch(r.drawn_at) is not None),
+         "WIDTHxHEIGHT"),
         ("loras", isinstance(r.loras, list) and all(isinstance(s, str) for s in r.loras), "a list of LoRA paths"),
         ("strength", r.strength is None or (_number(r.strength) and 0 <= r.strength <= 1), "a number from 0 to 1"),
         ("paste_back", isinstance(r.paste_back, bool), "true or false"),
@@ -130,6 +146,11 @@ def _field_rules(r: GenerationRequest) -> list[tuple[str, bool, str]]:
 
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _text(x: Any) -> bool:
+    """A string without lone surrogates (JSON's "\\ud800"): text a tokenizer and a PNG can take."""
+    return isinstance(x, str) and x.encode("utf-8", "ignore").decode("utf-8") == x
 
 
 def _integer(x: Any, low: int, high: int | None = None) -> bool:

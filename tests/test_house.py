@@ -27,6 +27,9 @@ LAZY_IMPORTS = {
     ("ldm_app.finetune", "ldm_app.checkpoints"): "optional extra: as above",
     ("ldm_app.serve", "ldm_app.serve.*"): "optional extra: the web extra is checked before the server's modules load",
     ("ldm_app.serve.app", "ldm_app.serve.*"): "optional extra: the routers and gradio load with the app",
+    ("ldm_app.serve.server", "ldm_app.serve.*"): "privacy: telemetry is switched off before gradio is imported",
+    ("ldm_app.serve.server", "ldm_app.threads"): "torch's thread count is set before the model loads",
+    ("ldm_app.serve.__main__", "ldm_app.cli"): "`python -m ldm_app.serve` runs the CLI's serve command",
 }
 
 

@@ -14,7 +14,7 @@ import click
 from ..loading import trusted_model
 from ..samplers import SAMPLERS
 from .common import (UserError, device_option, dtype_option, finite, model_option, notes,
-                     quiet_option, utf8_text, variant_option)
+                     quiet_option, threads_option, utf8_text, variant_option)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -124,12 +124,13 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
               help="LoRA file or folder, optionally with a scale (repeatable).")
 @click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
               help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
+@threads_option
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
-             loras: tuple[str, ...], lora_dir: str | None, quiet: bool) -> None:
+             loras: tuple[str, ...], lora_dir: str | None, threads: int | None, quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written."""
     from ..generation import generate_images
     from ..images import file_sha256
@@ -137,6 +138,8 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     from ..outputs import claimed_outputs, image_grid, png_bytes, require_free_space
     from ..png_metadata import save_png
     from ..request import GenerationRequest
+    from ..sizes import plan_size
+    from ..threads import use_threads
 
     # 1. The request (--from has already filled in the defaults) and its inputs, all checked before any work
     ctx, note = click.get_current_context(), notes(quiet)
@@ -174,12 +177,15 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         grid_path = paths[0].with_name(paths[0].stem + "-grid.png") if grid else None
         if grid_path is not None and grid_path.exists() and not overwrite:
             raise UserError(f"{grid_path} already exists; pass --overwrite or choose another --output.")
+        use_threads(threads)
         dev = pick_device(device)
         weights_dtype = pick_dtype(dtype, dev)
         pipe = load_pipeline(model, dev, weights_dtype, variant)
         pipe.set_progress_bar_config(disable=quiet, leave=False)
         request = dataclasses.replace(request.resolved(pipe), dtype=dtype_name(weights_dtype))  # as resolved
         w, h = request.width, request.height
+        if request.drawn_at is not None:
+            note(f"warning: {plan_size(w, h, pipe.default_size, pipe.vae_scale_factor).note(pipe.default_size)}")
         require_free_space(paths[0].parent, png_bytes(num_images + grid, w, h), f"{num_images + grid} images of "
                            f"{w}x{h}", "free some space or choose another --output")
         adapters = load_loras(pipe, loras)
@@ -187,9 +193,9 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
 
         # 3. Sample (image i from seed + i, in batches)
         images = generate_images(pipe, [request], batch_size, adapters)[0]
-        if request.image is not None and request.image.size != (w, h):
+        if request.image is not None and request.image.size != request.draw_size:
             note(f"note: the {request.image.width}x{request.image.height} input was resized and center-cropped to "
-                 f"{w}x{h}")
+                 "{}x{}".format(*request.draw_size))
 
         # 4. Write PNGs with their parameters
         for image, path, image_seed in zip(images, paths, request.seeds):

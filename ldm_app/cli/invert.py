@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..loading import DEFAULT_MODEL, trusted_model
+from ..loading import trusted_model
 from .common import (UserError, device_option, finite, model_option, notes,
                      quiet_option, utf8_text, variant_option)
 
