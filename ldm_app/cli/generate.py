@@ -161,8 +161,9 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     if not prompt.strip():
         note("note: empty prompt, drawing an unconditional sample")
     request = GenerationRequest(
-        prompt, negative_prompt, steps, guidance, eta, sampler, seed, width, height, num_images, list(loras),
-        strength, image=read_input("--image", image_path) if image_path else None,
+        prompt, negative_prompt, steps=steps, guidance=guidance, eta=eta, sampler=sampler, seed=seed, width=width,
+        height=height, n=num_images, loras=list(loras), strength=strength,
+        image=read_input("--image", image_path) if image_path else None,
         mask=read_input("--mask", mask_path) if mask_path else None, paste_back=not no_paste_back,
         mask_feather=mask_feather, model=model_record(model),
         # the input files, recorded in the PNG for --from
