@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 import torch
 
-from .lora import split_lora_spec
+from .lora_tags import split_lora_spec
 from .request import GenerationRequest
 from .samplers import make_scheduler
 

@@ -146,7 +146,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant:
 def load_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> dict[str, str]:
     """Load each LoRA ("PATH[:SCALE]": a file, a folder or a hub id) as its own adapter, inactive until a request
     names it (`generation.activate_loras`); returns PATH → adapter name."""
-    from .lora import split_lora_spec
+    from .lora_tags import split_lora_spec
 
     adapters: dict[str, str] = {}
     for spec in specs:

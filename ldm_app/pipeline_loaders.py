@@ -8,8 +8,12 @@ builds the pipeline from them, as diffusers' `FromSingleFileMixin` does.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging as stdlib_logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 from diffusers.utils.peft_utils import get_adapter_name
 
-from .lora import from_kohya, is_kohya, load_text_encoder_lora, quiet_lora_loading, read_lora_file
+from .kohya import from_kohya, is_kohya
+from .lora import PEFT_SECOND_ADAPTER, load_text_encoder_lora
+from .lora_formats import read_lora_file
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 PIPELINE_MODULE = "pipeline"  # a portable folder's pipeline.py: model_index.json's `_class_name` names it
@@ -100,6 +106,30 @@ class LdmLoadersMixin:
                 return
         with quiet_lora_loading(isinstance(source, dict)):  # a dict's text-encoder part was applied above
             super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+
+
+class _NoTextEncoderNotice(stdlib_logging.Filter):
+    def filter(self, record: stdlib_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+
+@contextlib.contextmanager
+def quiet_lora_loading(text_encoder_applied: bool = True) -> Iterator[None]:
+    """Hide two false notices while diffusers loads LoRA adapters: peft's warning on a second adapter (several,
+    one per --lora, are intended) and, when `text_encoder_applied`, "No LoRA keys associated to CLIPTextModel
+    found" for a state dict whose text-encoder part (if any) `load_text_encoder_lora` has already applied: there
+    it is false (the keys were applied) or empty (the file has none). Hub ids are left to diffusers."""
+    source = stdlib_logging.getLogger("diffusers.loaders.lora_base")
+    drop = _NoTextEncoderNotice()
+    if text_encoder_applied:
+        source.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PEFT_SECOND_ADAPTER)
+            yield
+    finally:
+        source.removeFilter(drop)
 
 
 def native_index(index: dict[str, Any]) -> dict[str, Any]:

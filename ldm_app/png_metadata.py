@@ -24,7 +24,8 @@ import PIL.Image
 import PIL.PngImagePlugin
 
 from .atomic import atomic_write
-from .lora import lora_short_hash, lora_tag, split_lora_spec
+from .kohya import lora_short_hash
+from .lora_tags import lora_tag, split_lora_spec
 from .request import GenerationRequest
 from .samplers import SAMPLERS, sampler_from_a1111
 

@@ -32,7 +32,8 @@ from .encoders import Encoders, pipeline_subfolder
 from .generation import generate_images
 from .hub import make_portable, push_to_hub, share_export, write_model_card
 from .loading import load_model
-from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
+from .lora_saving import save_lora
 from .objective import DenoisingLoss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
 from .request import GenerationRequest

@@ -20,7 +20,7 @@ LAZY_IMPORTS = {
     ("ldm_app.loading", "ldm_app.pipeline"): "start-up: the CLI's option definitions import loading's names",
     ("ldm_app.loading", "ldm_app.pipeline_loaders"): "start-up: as above",
     ("ldm_app.loading", "ldm_app.single_file"): "start-up: as above",
-    ("ldm_app.loading", "ldm_app.lora"): "start-up: as above",
+    ("ldm_app.loading", "ldm_app.lora_tags"): "start-up: as above",
     ("ldm_app.pipeline_loaders", "ldm_app.single_file"): "portable exports: checkpoint conversion stays out of the "
                                                            "pipeline code that hub.make_portable bundles",
     ("ldm_app.finetune", "ldm_app.trainer"): "optional extra: training needs ldm-app[train] (require_extra first)",

@@ -8,7 +8,9 @@ import PIL.PngImagePlugin
 import pytest
 import torch
 
-from ldm_app.lora import LORA_FILE, find_lora, save_atomic, split_lora_tags
+from ldm_app.lora import LORA_FILE
+from ldm_app.lora_saving import save_atomic
+from ldm_app.lora_tags import find_lora, split_lora_tags
 from ldm_app.png_metadata import a1111_text, parse_a1111, read_png, save_png
 from ldm_app.request import GenerationRequest
 from ldm_app.samplers import SAMPLERS

@@ -77,7 +77,7 @@ def check_recorded_inputs(ctx: click.Context, png: str, note: Callable[[str], No
 
 def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None) -> tuple[str, tuple[str, ...]]:
     """A1111's `<lora:name:weight>` tags out of the prompt, found in --lora-dir, added to --lora."""
-    from ..lora import find_lora, split_lora_tags
+    from ..lora_tags import find_lora, split_lora_tags
 
     text, tags = split_lora_tags(prompt)
     if tags and lora_dir is None:

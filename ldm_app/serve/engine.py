@@ -22,7 +22,7 @@ import torch
 from ..generation import activate_loras, generate_images, use_sampler
 from ..inversion import edit, invert, reconstruct
 from ..loading import dtype_name, load_pipeline, model_record, pick_device, pick_dtype
-from ..lora import split_lora_spec, split_lora_tags
+from ..lora_tags import split_lora_spec, split_lora_tags
 from ..pipeline import LdmPipeline
 from ..png_metadata import A1111_KEY, a1111_text, png_info, split_infotext
 from ..png_metadata import lora_name as png_lora_name
