@@ -117,8 +117,8 @@ class GenerationRequest:
 def _field_rules(r: GenerationRequest) -> list[tuple[str, bool, str]]:
     """(field, whether its value is valid, what is expected) for every field of `r`."""
     return [
-        ("prompt", _text(r.prompt), "UTF-8 text"),
-        ("negative_prompt", _text(r.negative_prompt), "UTF-8 text"),
+        ("prompt", _text(r.prompt), "a string of UTF-8 text"),
+        ("negative_prompt", _text(r.negative_prompt), "a string of UTF-8 text"),
         ("steps", _integer(r.steps, 1), "a whole number ≥ 1"),
         ("guidance", _number(r.guidance) and r.guidance >= 0, "a number ≥ 0"),
         ("eta", _number(r.eta) and 0 <= r.eta <= 1, "a number from 0 to 1"),
