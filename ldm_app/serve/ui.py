@@ -49,16 +49,22 @@ def mount_ui(app: FastAPI) -> None:
                         max_file_size=app.state.settings.limits.max_body_bytes)
 
 
-class ImageUpload(gr.Image):
-    """gr.Image whose upload of a file that is not an image is one sentence, not gradio's processing error."""
+def image_upload(**kwargs: Any) -> gr.Image:
+    """A gr.Image whose upload of a file that is not an image is one sentence, not gradio's processing error.
 
-    is_template = True  # rendered by gr.Image's frontend
+    The instance's `preprocess` is wrapped rather than gr.Image subclassed: gradio writes a `.pyi` stub next to
+    the module of every component subclass when it is imported, which fails in a read-only install."""
+    image = gr.Image(**kwargs)
+    plain_preprocess = image.preprocess
 
-    def preprocess(self, payload: Any) -> Any:
+    def preprocess(payload: Any) -> Any:
         try:
-            return super().preprocess(payload)
+            return plain_preprocess(payload)
         except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
             raise gr.Error("That file is not an image; upload a PNG, JPEG or WebP.") from None
+
+    image.preprocess = preprocess
+    return image
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ class Form:
     loras: gr.Dropdown
     lora_weight: gr.Slider
     history: gr.State
-    init: ImageUpload  # image to image
+    init: gr.Image  # image to image
     img2img_strength: gr.Slider
     editor: gr.ImageEditor  # inpainting
     inpaint_strength: gr.Slider
@@ -133,9 +139,9 @@ def text_tab() -> tuple[gr.Tab, gr.Button]:
         return tab, gr.Button("Generate", variant="primary", elem_id="generate")
 
 
-def image_tab() -> tuple[gr.Tab, ImageUpload, gr.Slider, gr.Button]:
+def image_tab() -> tuple[gr.Tab, gr.Image, gr.Slider, gr.Button]:
     with gr.Tab("Image to image", id="img2img") as tab:
-        init = ImageUpload(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
+        init = image_upload(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
         strength = gr.Slider(0, 1, value=STRENGTH["img2img"], step=0.05, elem_id="strength-img2img",
                              label="Denoising strength (0 keeps the image, 1 ignores it)")
         button = gr.Button("Generate from image", variant="primary", elem_id="generate-img2img")
@@ -156,7 +162,7 @@ def inpaint_tab() -> tuple[gr.Tab, gr.ImageEditor, gr.Slider, gr.Button]:
 @dataclass
 class EditTab:
     tab: gr.Tab
-    image: ImageUpload
+    image: gr.Image
     source: gr.Textbox
     target: gr.Textbox
     method: gr.Dropdown
@@ -171,7 +177,7 @@ class EditTab:
 
 def edit_tab(engine: Engine, limits: Limits) -> EditTab:
     with gr.Tab("Invert & edit", id="edit") as tab:
-        image = ImageUpload(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
+        image = image_upload(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
         source = gr.Textbox(label="Source prompt (what the image shows)", elem_id="edit-source")
         target = gr.Textbox(label="Target prompt (what it should become)", elem_id="edit-target")
         with gr.Row():
