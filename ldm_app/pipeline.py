@@ -27,7 +27,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .images import decode_image
 from .pipeline_loaders import DEFAULT_MODEL_DIR, LdmLoadersMixin, cast_quietly  # noqa: F401 (re-exported)
-from .request import check_guidance, check_size, check_steps
+from .ranges import check_guidance, check_size, check_steps
 from .samplers import max_inference_steps
 from .unet import LdmUNet
 

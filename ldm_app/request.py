@@ -6,8 +6,8 @@ that need no model (types and ranges, the same messages on every door); `resolve
 defaults (native size, the strength of image-to-image) and checks what depends on the model (size factor, schedule
 length). `ldm_app.generation.generate_images` turns resolved requests into images.
 
-Kept free of torch, diffusers and PIL imports: the pipeline imports the range checks below, and whatever the
-pipeline imports ships in every portable export (`ldm_app.hub.make_portable`).
+The ranges that also bound the pipeline's own arguments (size, steps, guidance) are in `ldm_app.ranges`, so that
+the pipeline's module, which every portable export ships (`ldm_app.hub.make_portable`), does not carry this one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .ranges import check_size, check_steps
 from .samplers import SAMPLERS, max_inference_steps
 from .sizes import plan_size
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
     from .pipeline import LdmPipeline
 
-MAX_SIZE = 4096  # pixels per side: far past any SD-1.x model, and still a bounded amount of memory
 MAX_SEED = 2**63 - 1  # seeds are CPU generator seeds: 0 … 2^63 − 1
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names users type → torch dtype names
 DTYPE_NAMES = ("auto", *DTYPES)  # what a request may record (`auto`: fp16 on CUDA, fp32 elsewhere)
@@ -155,33 +155,3 @@ def _text(x: Any) -> bool:
 
 def _integer(x: Any, low: int, high: int | None = None) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and low <= x and (high is None or x <= high)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The model-dependent ranges, shared with the pipeline's own argument checks
-
-
-def check_size(name: str, size: int, factor: int, native: int) -> None:
-    """An image side must be a positive multiple of the VAE's down-sampling factor, and at most MAX_SIZE."""
-    if size <= 0 or size % factor:
-        raise ValueError(f"{name}={size} is not a positive multiple of the VAE factor {factor}; use a multiple of "
-                         f"{factor} such as {max(factor, size // factor * factor)} (this model's native size is "
-                         f"{native}).")
-    if size > MAX_SIZE:
-        raise ValueError(f"{name}={size} is too large (max {MAX_SIZE}); this model's native size is {native}.")
-
-
-def check_steps(name: str, steps: int, limit: int, why: str | None = None) -> None:
-    """1 to `limit` denoising steps; `why` says where the limit comes from (default: the noise schedule)."""
-    if not 1 <= steps <= limit:
-        why = why or f"this model's noise schedule has no more, so use at most {limit}"
-        raise ValueError(f"{name}={steps}; use 1 to {limit} steps: {why} (25–50 is typical).")
-
-
-def check_guidance(name: str, guidance: float) -> None:
-    """A finite classifier-free guidance scale ≥ 0."""
-    if not math.isfinite(guidance):
-        raise ValueError(f"{name}={guidance} is not a finite number; use e.g. 5 (1 = no guidance).")
-    if guidance < 0:
-        raise ValueError(f"{name}={guidance} is negative; use 0 or more (1 = no guidance, 5 is typical).")
-
