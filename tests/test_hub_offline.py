@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from ldm_app import single_file
+from ldm_app import loading
 from ldm_app.loading import load_pipeline
 
 
@@ -15,7 +15,7 @@ def load(model, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the download was tried (and retried) before the error")
 
-    monkeypatch.setattr(single_file, "load_model", never)
+    monkeypatch.setattr(loading, "load_model", never)
     with pytest.raises(ValueError) as err:
         load_pipeline(model, torch.device("cpu"), torch.float32)
     return str(err.value)
