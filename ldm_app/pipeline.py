@@ -361,8 +361,10 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
         if clip_skip is None:
             return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]  # (B, T, D)
         # A1111's "Clip skip": the hidden states `clip_skip` layers before the last, through the final layer norm
+        # (transformers 5's CLIPTextModel holds it itself, 4's in .text_model)
         hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
-        return self.text_encoder.text_model.final_layer_norm(hidden[-1][-(clip_skip + 1)])
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_layer_norm(hidden.hidden_states[-(clip_skip + 1)])
 
     def encode_prompt(
         self,
@@ -486,12 +488,12 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
         if image is None:
             return None, None, None
         images = self._as_images(image, "image")
-        if isinstance(images[0], PIL.Image.Image):
+        if isinstance(images, list) and isinstance(images[0], PIL.Image.Image):
             pixels = self.image_processor.preprocess(images, height, width, resize_mode="crop")
             input_size = images[0].size
         else:
             pixels = self.image_processor.preprocess(images, height, width)
-            first = images[0]
+            first = images[0] if isinstance(images, list) else images
             input_size = (first.shape[-1], first.shape[-2]) if isinstance(first, torch.Tensor) else \
                 (first.shape[-2], first.shape[-3])
         if mask_image is None:
@@ -500,7 +502,7 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
             raise ValueError("Inpainting needs the image as pixels (its latents cannot be pasted back); pass the image, "
                              "and its masked latents as masked_image_latents= if you have them.")
         masks = self._as_images(mask_image, "mask_image")
-        if isinstance(masks[0], PIL.Image.Image):
+        if isinstance(masks, list) and isinstance(masks[0], PIL.Image.Image):
             if len(masks) != len(images):
                 raise ValueError(f"{len(masks)} masks for {len(images)} images; pass one mask per image.")
             for img, msk in zip(images, masks):
@@ -516,13 +518,13 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
         return pixels, mask, input_size
 
     @staticmethod
-    def _as_images(value: Any, name: str) -> list[PIL.Image.Image] | list[np.ndarray] | list[torch.Tensor]:
-        """A list of PIL images (decoded as ldm_app decodes files), or of numpy arrays / tensors as given."""
+    def _as_images(value: Any, name: str) -> list[PIL.Image.Image] | PipelineImageInput:
+        """A list of PIL images (decoded as ldm_app decodes files), or numpy arrays / tensors as given."""
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         kinds = {type(v) for v in values}
         if values and len(kinds) == 1 and issubclass(kinds.pop(), (np.ndarray, torch.Tensor)):
-            if is_valid_image_imagelist(values):
-                return values
+            if is_valid_image_imagelist(value):
+                return value
         if not values or not all(isinstance(v, PIL.Image.Image) for v in values):
             kind = type(value).__name__ if not isinstance(value, (list, tuple)) else "a list of " + ", ".join(
                 sorted({type(v).__name__ for v in values}) or ["nothing"])
