@@ -8,6 +8,7 @@ UNet in one loop (`LdmPipeline.denoise`, shared with inversion and editing); the
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 import os
@@ -26,14 +27,13 @@ from diffusers.image_processor import PipelineImageInput, VaeImageProcessor, is_
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput, StableDiffusionMixin
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (StableDiffusionPipeline,
-                                                                            rescale_noise_cfg, retrieve_timesteps)
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecate, logging
 from diffusers.utils.peft_utils import get_adapter_name, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from .images import decode_image
 from .lora import from_kohya, is_kohya, load_text_encoder_lora, quiet_lora_loading, read_lora_file
@@ -47,6 +47,24 @@ MAX_SIZE = 4096  # pixels per side: far past any SD-1.x model, and still a bound
 _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only")
 OutputType = Literal["pil", "np", "pt", "latent"]
 StepCallback = Callable[["LdmPipeline", int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _quiet_import(module: str) -> Any:
+    """Import a diffusers pipeline module without transformers' notice that torchvision is missing: the module's
+    safety checker imports `CLIPImageProcessor`, and no image processor of transformers is ever used here."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return importlib.import_module(module)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+# diffusers' SD pipeline helpers, used as they are so the call contract stays theirs
+_SD = _quiet_import("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+retrieve_timesteps = _SD.retrieve_timesteps  # custom `timesteps=` / `sigmas=` schedules
+_SD_IMG2IMG = _quiet_import("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img")
+retrieve_latents = _SD_IMG2IMG.retrieve_latents  # latents of any VAE: a posterior's sample or mode, TAESD's own
 
 
 @dataclass
@@ -219,7 +237,7 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
         return self._interrupt
 
     # diffusers' sinusoidal embedding of w − 1 (VDM), the `timestep_cond` of guidance-distilled (LCM) UNets
-    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+    get_guidance_scale_embedding = _SD.StableDiffusionPipeline.get_guidance_scale_embedding
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU (Si et al. 2023) on a `UNet2DConditionModel`, as diffusers' SD pipelines offer it."""
@@ -499,8 +517,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
         if mask_image is None:
             return pixels, None, input_size
         if pixels.shape[1] == self.vae.config.latent_channels:
-            raise ValueError("Inpainting needs the image as pixels (its latents cannot be pasted back); pass the image, "
-                             "and its masked latents as masked_image_latents= if you have them.")
+            raise ValueError("Inpainting needs the image as pixels (its latents cannot be pasted back); pass the "
+                             "image, and its masked latents as masked_image_latents= if you have them.")
         masks = self._as_images(mask_image, "mask_image")
         if isinstance(masks, list) and isinstance(masks[0], PIL.Image.Image):
             if len(masks) != len(images):
@@ -528,8 +546,8 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
         if not values or not all(isinstance(v, PIL.Image.Image) for v in values):
             kind = type(value).__name__ if not isinstance(value, (list, tuple)) else "a list of " + ", ".join(
                 sorted({type(v).__name__ for v in values}) or ["nothing"])
-            raise ValueError(f"{name} must be a PIL image, a numpy array or a torch tensor (or a list of one kind), got "
-                             f"{kind}; read a file with ldm_app.images.read_image.")
+            raise ValueError(f"{name} must be a PIL image, a numpy array or a torch tensor (or a list of one kind), "
+                             f"got {kind}; read a file with ldm_app.images.read_image.")
         if name == "mask_image":  # a mask's alpha is ignored, as diffusers and A1111 do: strokes on transparent black
             values = [v.convert("RGBA").convert("RGB") if _has_alpha(v) else v for v in values]
         images = [decode_image(v) for v in values]
@@ -672,7 +690,7 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLo
                         noise_uncond, noise_text = noise_pred.chunk(2)
                         noise_pred = classifier_free_guidance(noise_uncond, noise_text, self._guidance_scale)
                         if self._guidance_rescale > 0:
-                            noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=self._guidance_rescale)
+                            noise_pred = rescale_noise_cfg(noise_pred, noise_text, self._guidance_rescale)
                     latents = scheduler.step(noise_pred, t, latents, **(step_kwargs or {}), return_dict=False)[0]
                     for callback in callbacks:
                         tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
