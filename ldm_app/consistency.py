@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,13 @@ from diffusers import DDPMScheduler, LCMScheduler
 from .config import DistillConfig, ObjectiveConfig
 
 if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
     from diffusers.training_utils import EMAModel
 
     from .batches import Batch
 
 SIGMA_DATA = 0.5
+LCM_STUDENT = "unet_lcm"  # a pipeline folder's distilled UNet, used with the `lcm` sampler (the default model's)
 
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -96,6 +99,19 @@ def add_guidance_input(unet: torch.nn.Module, dim: int) -> None:
     unet.time_embedding.cond_proj = torch.nn.Linear(dim, linear_1.in_features, bias=False).to(linear_1.weight)
     torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
     unet.register_to_config(time_cond_proj_dim=dim)
+
+
+def use_lcm_student(pipe: DiffusionPipeline) -> bool:
+    """Swap in the distilled UNet that `pipe`'s folder carries in `unet_lcm/` (the default model does), in the
+    pipeline's dtype and on its device, with `LCMScheduler` over the same noise schedule; False when it has none."""
+    folder = Path(pipe.name_or_path or "") / LCM_STUDENT
+    if not (folder / "config.json").is_file():
+        return False
+    unet_class = type(pipe.unet)
+    pipe.unet = unet_class.from_pretrained(folder, torch_dtype=pipe.unet.dtype).to(pipe.device)
+    if not isinstance(pipe.scheduler, LCMScheduler):
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return True
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

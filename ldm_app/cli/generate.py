@@ -32,6 +32,7 @@ Examples:
   ldm-app generate "a cat"
   ldm-app generate "a red heart" -n 8 --grid -o hearts/
   ldm-app generate "a rocket" --sampler dpm++ --steps 15 --seed 42 -o rocket.png
+  ldm-app generate "a cat" --sampler lcm            (4 steps of the distilled UNet)
   ldm-app generate --from rocket.png -o again.png
   ldm-app generate "a cat" --model ./my-run/pipeline --device cuda --dtype fp16
 """
@@ -93,8 +94,9 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
 @model_option()
 @variant_option
 @click.option("--negative-prompt", default="", callback=utf8_text, help="What to steer away from (replaces the empty prompt in CFG).")
-@click.option("--steps", type=click.IntRange(min=1), default=25, help="Denoising steps.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=5.0, callback=finite, help="Classifier-free guidance scale w (1 = off).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps.  [default: 25; lcm: 4]")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite,
+              help="Classifier-free guidance scale w (1 = off).  [default: 5; lcm: 1]")
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM.")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", help="Reverse-process solver.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed of the first image (random if absent); image i uses seed + i.")
@@ -127,7 +129,8 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
 @click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
               help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
 @quiet_option("No progress bar or notes; only the written paths.")
-def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
+def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int | None,
+             guidance: float | None,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
@@ -138,7 +141,8 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     from ..images import file_sha256
     from ..loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
     from ..png_metadata import GenerationParams, save_png
-    from ..samplers import make_scheduler
+    from ..consistency import use_lcm_student
+    from ..samplers import make_scheduler, sampler_defaults
 
     # 1. Parameters (--from has already filled in the defaults) and inputs, all checked before any work
     ctx, note = click.get_current_context(), notes(quiet)
@@ -146,6 +150,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         raise UserError("No PROMPT given; pass a prompt, e.g. ldm-app generate \"a cat\" (or --from image.png).")
     if image_path is None and (mask_path or strength is not None):
         raise UserError(f"{'--mask' if mask_path else '--strength'} needs --image; pass the image to start from.")
+    steps, guidance = sampler_defaults(sampler, steps, guidance)
     if seed is None:
         seed = random.randrange(2**31)
     note(f"seed: {seed}")
@@ -183,6 +188,8 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         pipe.check_inputs(prompt, negative_prompt, height, width, steps, guidance)
         check_free_space(paths[0].parent, num_images + grid, width, height)
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+        if sampler == "lcm" and use_lcm_student(pipe):
+            note("note: using the model's distilled LCM UNet (unet_lcm/)")
         apply_loras(pipe, loras)
         warn_if_truncated(pipe, prompt, note)
 
