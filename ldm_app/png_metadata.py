@@ -14,12 +14,9 @@ does. LoRAs go into the prompt in A1111's own syntax, and the noise is drawn on 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,38 +24,22 @@ import PIL.Image
 import PIL.PngImagePlugin
 
 from .atomic import atomic_write
-from .loading import DTYPES
-from .lora import lora_short_hash, lora_tag, split_lora_spec
+from .kohya import lora_short_hash
+from .lora_tags import lora_tag, split_lora_spec
+from .request import GenerationRequest
 from .samplers import SAMPLERS, sampler_from_a1111
 
 JSON_KEY = "ldm-app"
 A1111_KEY = "parameters"
-DTYPE_NAMES = ("auto", *DTYPES)  # the CLI's --dtype choices
-MAX_SEED = 2**63 - 1  # the CLI's --seed range
+MAX_INFOTEXT_CHARS = 65536  # parameters text read from a PNG: an A1111 infotext is a few hundred characters
 A1111_SAMPLER_FALLBACK = "ddim"  # used when an A1111 PNG names a sampler we do not have (reported as ignored)
-
-
-@dataclass
-class GenerationParams:
-    prompt: str  # the text prompt, without <lora:…> tags for the LoRAs in `loras`
-    negative_prompt: str
-    steps: int
-    guidance: float
-    eta: float  # DDIM's η (other samplers ignore it)
-    sampler: str  # a key of SAMPLERS
-    seed: int
-    width: int
-    height: int
-    model: str  # "default", a pipeline folder or a hub id
-    dtype: str = "auto"
-    loras: list[str] = dataclasses.field(default_factory=list)  # "PATH[:SCALE]", as --lora takes them
-    strength: float | None = None  # image-to-image / inpainting: the fraction of the schedule that redrew the input
-    image: str | None = None  # the input image (absolute path), and the start of its file's SHA-256
-    image_sha256: str | None = None
-    mask: str | None = None  # the inpainting mask (absolute path), and the start of its file's SHA-256
-    mask_sha256: str | None = None
-    paste_back: bool = True  # inpainting: the input's pixels pasted back outside the mask
-    mask_feather: int | None = None  # inpainting: the paste-back's feather in pixels (None: the VAE factor)
+# The JSON chunk's keys → the request's fields (one image per PNG: no `n`; the input files under their old keys)
+JSON_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "guidance": "guidance",
+               "eta": "eta", "sampler": "sampler", "seed": "seed", "width": "width", "height": "height",
+               "model": "model", "dtype": "dtype", "loras": "loras", "strength": "strength", "image": "image_path",
+               "image_sha256": "image_sha256", "mask": "mask_path", "mask_sha256": "mask_sha256",
+               "paste_back": "paste_back", "mask_feather": "mask_feather", "drawn_at": "drawn_at"}
+REQUIRED = ("prompt", "negative_prompt", "steps", "guidance", "eta", "sampler", "seed", "width", "height", "model")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,7 +58,7 @@ def lora_name(path: str) -> str:
     return p.stem if p.suffix == ".safetensors" else p.name
 
 
-def a1111_text(p: GenerationParams) -> str:
+def a1111_text(p: GenerationRequest) -> str:
     """The `parameters` text A1111 writes: prompt (with `<lora:name:weight>` tags), negative prompt, then
     `Key: value` pairs in A1111's order and spelling."""
     sampler = SAMPLERS.get(p.sampler)
@@ -91,6 +72,7 @@ def a1111_text(p: GenerationParams) -> str:
         "CFG scale": p.guidance,
         "Seed": p.seed,
         "Size": f"{p.width}x{p.height}",
+        "Drawn at": p.drawn_at,
         "Model": p.model,
         "Denoising strength": p.strength,
         # A1111 reads DDIM's η as `Eta DDIM`; DDPM is written as DDIM at η = 1 (see samplers.py)
@@ -102,15 +84,20 @@ def a1111_text(p: GenerationParams) -> str:
     return f"{prompt}\nNegative prompt: {p.negative_prompt}\n{line}"
 
 
-def png_info(params: GenerationParams) -> PIL.PngImagePlugin.PngInfo:
+def json_record(params: GenerationRequest) -> dict[str, Any]:
+    """ldm-app's JSON chunk: the request of one image (its own seed), its input files by path and digest."""
+    return {key: getattr(params, name) for key, name in JSON_FIELDS.items()}
+
+
+def png_info(params: GenerationRequest) -> PIL.PngImagePlugin.PngInfo:
     """The two metadata chunks every ldm-app PNG carries: A1111's `parameters` text and ldm-app's JSON."""
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(A1111_KEY, a1111_text(params))
-    info.add_text(JSON_KEY, json.dumps(dataclasses.asdict(params)))
+    info.add_text(JSON_KEY, json.dumps(json_record(params)))
     return info
 
 
-def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> None:
+def save_png(image: PIL.Image.Image, path: Path, params: GenerationRequest) -> None:
     """Write the PNG with both metadata chunks, atomically (a temp file in the same folder, then rename)."""
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(params))
@@ -120,15 +107,19 @@ def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> No
 # Reading
 
 
-def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
+def read_png(path: str | os.PathLike) -> tuple[GenerationRequest, list[str]]:
     """The parameters a PNG was made with, and the `Key: value` fields of an A1111 PNG that ldm-app cannot use.
 
     ldm-app's own JSON chunk wins; otherwise A1111's `parameters` text is read (see `parse_a1111`). Every value
-    is checked as the command line checks it, so a damaged or hand-edited file is a ValueError that says so.
+    is checked as every request is (`GenerationRequest.checked`), so a damaged or hand-edited file is a ValueError
+    that says so.
     """
     try:
         with PIL.Image.open(path) as image:
             info = dict(image.info)
+    except PIL.Image.DecompressionBombError:
+        raise ValueError(f"{path} declares more pixels than PIL's safety limit (a decompression bomb); pass a PNG "
+                         "written by ldm-app generate or A1111.") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot read {path} as an image ({err}); pass a PNG written by ldm-app generate.") from None
     if JSON_KEY in info:
@@ -139,83 +130,81 @@ def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
                      "by ldm-app generate or A1111.")
 
 
-def params_from_json(raw: str, source: str) -> GenerationParams:
-    """ldm-app's JSON chunk → checked GenerationParams."""
+def params_from_json(raw: str, source: str) -> GenerationRequest:
+    """ldm-app's JSON chunk → checked GenerationRequest."""
     try:
-        stored = json.loads(raw)
-    except json.JSONDecodeError:
+        stored = json.loads(raw) if len(raw) <= MAX_INFOTEXT_CHARS else None
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         stored = None
-    fields = dataclasses.fields(GenerationParams)
-    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [name for name in required if not isinstance(stored, dict) or name not in stored]
+    missing = [key for key in REQUIRED if not isinstance(stored, dict) or key not in stored]
     if missing:
         raise ValueError(f"{source}'s ldm-app parameters are damaged (missing {', '.join(missing)}); "
                          "pass a PNG written by ldm-app generate.")
-    return checked(GenerationParams(**{f.name: stored[f.name] for f in fields if f.name in stored}), source)
+    return checked(GenerationRequest(**{name: stored[key] for key, name in JSON_FIELDS.items() if key in stored}),
+                   source)
 
 
-def checked(p: GenerationParams, source: str) -> GenerationParams:
-    """`p` if every value is one the command line would accept; otherwise a ValueError naming the first bad one."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    def integer(x: Any, low: int, high: int | None = None) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and low <= x and (high is None or x <= high)
-
-    rules = [
-        ("prompt", isinstance(p.prompt, str), "a string"),
-        ("negative_prompt", isinstance(p.negative_prompt, str), "a string"),
-        ("steps", integer(p.steps, 1), "a whole number ≥ 1"),
-        ("guidance", number(p.guidance) and p.guidance >= 0, "a number ≥ 0"),
-        ("eta", number(p.eta) and 0 <= p.eta <= 1, "a number from 0 to 1"),
-        ("sampler", isinstance(p.sampler, str) and p.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
-        ("seed", integer(p.seed, 0, MAX_SEED), f"a whole number from 0 to {MAX_SEED}"),
-        ("width", integer(p.width, 1), "a whole number ≥ 1"),
-        ("height", integer(p.height, 1), "a whole number ≥ 1"),
-        ("model", isinstance(p.model, str) and p.model != "", "a model folder, hub id or 'default'"),
-        ("dtype", isinstance(p.dtype, str) and p.dtype in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}"),
-        ("loras", isinstance(p.loras, list) and all(isinstance(s, str) for s in p.loras), "a list of LoRA paths"),
-        ("strength", p.strength is None or (number(p.strength) and 0 <= p.strength <= 1), "a number from 0 to 1"),
-        ("image", p.image is None or isinstance(p.image, str), "the input image's path"),
-        ("image_sha256", p.image_sha256 is None or isinstance(p.image_sha256, str), "a hex digest"),
-        ("mask", p.mask is None or isinstance(p.mask, str), "the mask's path"),
-        ("mask_sha256", p.mask_sha256 is None or isinstance(p.mask_sha256, str), "a hex digest"),
-        ("paste_back", isinstance(p.paste_back, bool), "true or false"),
-        ("mask_feather", p.mask_feather is None or integer(p.mask_feather, 0), "a whole number ≥ 0"),
-    ]
-    for name, ok, expected in rules:
-        if not ok:
-            value = repr(getattr(p, name))
-            value = value if len(value) <= 40 else value[:37] + "..."
-            raise ValueError(f"{source}: {name} is {value}, expected {expected}; the PNG's parameters are "
-                             "damaged or were edited: pass a PNG written by ldm-app generate, or the options themselves.")
-    return p
+def checked(p: GenerationRequest, source: str) -> GenerationRequest:
+    """`p` if every value is one a request may have; otherwise a ValueError naming the first bad one."""
+    try:
+        return p.checked()
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}; the PNG's parameters are damaged or were edited: pass a PNG written by "
+                         "ldm-app generate, or the options themselves.") from None
 
 
 # A1111's `Key: value` grammar (modules/infotext_utils.py, `re_param`): a key of word characters, spaces, dashes
-# and slashes, then either a JSON-quoted string or anything up to the next comma
-A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# and slashes, then either a JSON-quoted string or anything up to the next comma. `re_param` itself takes time
+# quadratic in a line without a colon (a 32k line: seconds, under the GIL); `infotext_fields` finds the same
+# fields in one pass, and texts over MAX_INFOTEXT_CHARS are refused before any parsing.
+A1111_KEY_RUN = re.compile(r"[\w \-/]+")
+A1111_WORD = re.compile(r"\w")
+A1111_VALUE = re.compile(r'\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
-A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM")
+A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM",
+              "Drawn at")  # Drawn at: what sizes.py made of Size, made again from it
+
+
+def infotext_fields(line: str) -> list[tuple[str, str]]:
+    """`re_param.findall(line)` in linear time: the (key, raw value) pairs A1111 reads from a parameter line.
+
+    `re_param` can only start a key at a word character whose run of key characters (word, space, `-`, `/`) is
+    at least two long and ends at a colon; so each run is looked at once, and each value is consumed once."""
+    fields, pos = [], 0
+    while (run := A1111_KEY_RUN.search(line, pos)) is not None:
+        end = run.end()
+        key_start = A1111_WORD.search(line, run.start(), end - 1) if line.startswith(":", end) else None
+        if key_start is None:  # no colon after this run, or no key of two characters in it
+            pos = end
+            continue
+        value = A1111_VALUE.match(line, end + 1)  # always matches: [^,]* runs to the next comma or the end
+        fields.append((line[key_start.start():end], value.group(1)))
+        pos = max(value.end(), end + 1)
+    return fields
 
 
 def split_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """A1111's infotext → (prompt, negative prompt, the last line's `Key: value` fields, unquoted). A text without
-    a parameter line (fewer than 3 fields) is all prompt, with no fields."""
+    a parameter line (fewer than 3 fields) is all prompt, with no fields. Raises ValueError for a text over
+    MAX_INFOTEXT_CHARS (a damaged or hostile file)."""
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise ValueError(f"the A1111 parameters text has {len(text)} characters, more than the {MAX_INFOTEXT_CHARS} "
+                         "ldm-app reads; the file is damaged or was not written by A1111 or ldm-app.")
     *lines, last = text.strip().split("\n")
-    if len(A1111_FIELD.findall(last)) < 3:
-        lines, last = lines + [last], ""
+    found = infotext_fields(last)
+    if len(found) < 3:
+        lines, last, found = lines + [last], "", []
     prompt, negative, in_negative = [], [], False
     for line in (line.strip() for line in lines):
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line.removeprefix("Negative prompt:").strip()
         (negative if in_negative else prompt).append(line)
-    fields = {key.strip(): unquote(value.strip()) for key, value in A1111_FIELD.findall(last)}
+    fields = {key.strip(): unquote(value.strip()) for key, value in found}
     return "\n".join(prompt), "\n".join(negative), fields
 
 
-def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams, list[str]]:
-    """A1111's `parameters` text → (GenerationParams, the fields not used, as `Key: value`).
+def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationRequest, list[str]]:
+    """A1111's `parameters` text → (GenerationRequest, the fields not used, as `Key: value`).
 
     Used: prompt, negative prompt, steps, sampler (+ schedule type), CFG scale, seed, size and DDIM's η. The
     prompt keeps its `<lora:name:weight>` tags (apply them with `split_lora_tags` and a LoRA folder, as A1111
@@ -242,7 +231,7 @@ def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams
     if size is None:
         raise ValueError(f"{source}: Size is {fields['Size']!r}, expected WIDTHxHEIGHT such as 512x512; pass a PNG "
                          "written by A1111 or ldm-app generate.")
-    params = GenerationParams(
+    params = GenerationRequest(
         prompt=prompt, negative_prompt=negative, steps=a1111_number(fields, "Steps", int, source),
         guidance=a1111_number(fields, "CFG scale", float, source), sampler=sampler,
         eta=a1111_number(fields, "Eta DDIM", float, source) if sampler == "ddim" and "Eta DDIM" in fields else 0.0,

@@ -30,10 +30,15 @@ from .components import UNet, load_unet
 from .consistency import ConsistencyLoss, add_guidance_input, frozen_copy, lcm_scheduler
 from .config import Config, TrainConfig, save_config, validate_config
 from .encoders import Encoders, pipeline_subfolder
+from .generation import generate_images
 from .hub import make_portable, push_to_hub, share_export, write_model_card
-from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .loading import load_model
+from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
+from .lora_saving import save_lora
 from .objective import DenoisingLoss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
+from .request import GenerationRequest
+from .single_file import is_single_file
 from .unet import LdmUNet
 
 
@@ -44,12 +49,12 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard
 # The loop
 
 
-def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> Path:
+def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True) -> Path:
     """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder, or with
     LoRA (`lora.rank > 0`) the adapters' file, `pytorch_lora_weights.safetensors`.
 
     `setup_unet` may freeze parameters or add hooks before the optimizer is built; only parameters that still
-    require grad are optimised.
+    require grad are optimised. `progress=False` (a command's --quiet) hides the progress bars and notes.
     """
     validate_config(config)  # also for a Config built in code rather than by load_config
     out = Path(config.train.output_dir).expanduser()
@@ -89,7 +94,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         require_free_space(out, [unet], [] if config.lora.rank else [unet, encoders.vae, encoders.text_encoder])
 
         # 3. The batch source: the encoded cache, encoding every step, or a stream
-        batches = make_batches(config, encoders, accelerator, out / "cache", encode_text=not train_text)
+        batches = make_batches(config, encoders, accelerator, out / "cache", encode_text=not train_text,
+                               progress=progress)
         if train_text:  # added after the cache was keyed on the frozen text encoder's weights
             add_lora(encoders.text_encoder, config.lora.rank, config.lora.alpha, TEXT_ENCODER_TARGETS)
         trained = [unet, encoders.text_encoder] if train_text else [unet]
@@ -126,7 +132,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         # 6. Training loop
         start_time, done_at_start = time.time(), step
         samples_per_step = t.batch_size * world * t.gradient_accumulation_steps
-        bar = tqdm(total=t.max_steps, initial=step, desc="Training", disable=not accelerator.is_local_main_process)
+        bar = tqdm(total=t.max_steps, initial=step, desc="Training", disable=not (progress and accelerator.is_local_main_process))
         unet.train()
         while step < t.max_steps:
             for k in range(t.gradient_accumulation_steps):
@@ -212,8 +218,11 @@ def frozen_dtype(accelerator: Accelerator) -> torch.dtype | None:
 
 
 def build_unet(config: Config, cross_attention_dim: int, latent_channels: int, latent_size: int) -> UNet:
-    """A pretrained UNet (pipeline or UNet folder), or a fresh LdmUNet sized to the encoders."""
+    """A pretrained UNet (pipeline or UNet folder, single-file checkpoint), or a fresh LdmUNet sized to the
+    encoders."""
     m = config.model
+    if m.pretrained_unet and is_single_file(m.pretrained_unet):
+        return load_model(m.pretrained_unet).unet.train()
     if m.pretrained_unet:
         subfolder = pipeline_subfolder(m.pretrained_unet, m.pretrained_unet_subfolder, "unet")
         return load_unet(m.pretrained_unet, subfolder).train()
@@ -241,11 +250,9 @@ def with_ema(models: list[torch.nn.Module], ema: EMAModel | None) -> list[torch.
 def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
     """Sample the validation prompts (columns) × seeds (rows) into one image, written atomically."""
     t = config.train
-    images = []
-    for seed in t.validation_seeds:
-        images += pipe(t.validation_prompts, num_inference_steps=t.validation_steps,
-                       guidance_scale=t.validation_guidance,
-                       generator=[torch.Generator().manual_seed(seed) for _ in t.validation_prompts]).images
+    requests = [GenerationRequest(prompt, steps=t.validation_steps, guidance=t.validation_guidance, sampler=None,
+                                  seed=seed) for seed in t.validation_seeds for prompt in t.validation_prompts]
+    images = [image for (image,) in generate_images(pipe, requests, batch_size=len(t.validation_prompts))]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         make_image_grid(images, rows=len(t.validation_seeds), cols=len(t.validation_prompts)).save(tmp)

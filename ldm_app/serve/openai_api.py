@@ -17,9 +17,11 @@ import PIL.Image
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
-from .app import run_job
-from .engine import ImageRequest
+from ..request import GenerationRequest as ImageRequest  # OpenAI's body below is named GenerationRequest
+from .jobs import run_job
 from .validation import ApiError, decode_image_bytes, image_request, parse_size
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI"])
@@ -33,8 +35,8 @@ class GenerationRequest(BaseModel):
     size: str | None = Field(None, description='"WIDTHxHEIGHT" or "auto" (the model\'s native size)')
     response_format: str = "b64_json"
     negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 5.0
+    steps: int | None = None  # None: the sampler's default (25; lcm: 4)
+    guidance: float | None = None  # None: the sampler's default (5; lcm: 1)
     eta: float = 0.0
     sampler: str = "ddim"
     seed: int | None = None
@@ -49,7 +51,7 @@ def _check_format(response_format: str | None) -> None:
 
 async def _respond(http: Request, request: ImageRequest) -> dict[str, Any]:
     engine = http.app.state.engine
-    images = await run_job(http, http.app.state.queue, request)
+    images = await run_job(http, request)
     data = [{"b64_json": base64.b64encode(engine.png(image, engine.params(request, seed))).decode(),
              "revised_prompt": None} for image, seed in zip(images, request.seeds)]
     return {"created": int(time.time()), "data": data}
@@ -73,7 +75,12 @@ async def edits(http: Request) -> dict[str, Any]:
     pixels are repainted; without a mask, the image's own transparent pixels are. With neither, image to image."""
     limits = http.app.state.settings.limits
     try:
-        form = await http.form()
+        form = await http.form(max_files=4, max_fields=64)  # image, mask and a dozen fields at most
+    except (MultiPartException, HTTPException) as err:  # starlette's limits on parts (it raises them as a 400)
+        detail = str(getattr(err, "detail", err))
+        status = 413 if "maximum" in detail.lower() else 422
+        raise ApiError(status, f"the multipart body was refused: {detail.rstrip('.')}; send the image, the mask "
+                               "and the text fields only.") from None
     except Exception:  # noqa: BLE001  (python-multipart's parse errors have no common base class)
         raise ApiError(422, "the body is not multipart/form-data; send the image (and mask) as files.") from None
     image_file = form.get("image") or form.get("image[]")
@@ -96,7 +103,7 @@ async def edits(http: Request) -> dict[str, Any]:
         raise ApiError(422, "prompt is missing; send a form field 'prompt'.", "prompt")
     request = image_request(
         engine, limits, prompt=prompt, negative_prompt=_text(form, "negative_prompt") or "",
-        steps=_number(form, "steps", int, 25), guidance=_number(form, "guidance", float, 5.0),
+        steps=_number(form, "steps", int, None), guidance=_number(form, "guidance", float, None),
         eta=_number(form, "eta", float, 0.0), sampler=_text(form, "sampler") or "ddim",
         seed=_number(form, "seed", int, None), width=width, height=height, n=_number(form, "n", int, 1),
         image=image.convert("RGB") if image.mode == "RGBA" else image, mask=mask,

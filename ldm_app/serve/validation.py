@@ -1,20 +1,29 @@
-"""Turning what a client sent into an `ImageRequest`, or into a 4xx that says what to fix.
+"""Turning what a client sent into a `GenerationRequest`, or into a 4xx that says what to fix.
 
-Both APIs and the UI come through here, so the limits and messages are the same on every door.
+Both APIs and the UI come through here. The request's own ranges are checked where every door checks them
+(`GenerationRequest.checked` and `.resolved`, with the CLI's messages); this module adds the server's limits
+(--max-* flags), the names it offers (LoRAs, samplers) and the decoding of uploaded images.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import math
+import re
 
 import PIL.Image
 
 from ..images import to_rgb
-from .engine import Engine, ImageRequest
+from ..inversion import METHODS
+from ..request import GenerationRequest
+from .engine import Engine
 from .settings import Limits
+
+API_NAMES = {"guidance": "guidance/cfg_scale", "strength": "denoising_strength"}  # the field names clients send
+MAX_GUIDANCE = 100  # far past any useful scale; keeps a typo from reaching the model
 
 
 class ApiError(Exception):
@@ -37,19 +46,23 @@ def parse_size(size: str | None, default: int) -> tuple[int, int]:
     return width, height
 
 
-def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_prompt: str = "", steps: int = 25,
-                  guidance: float = 5.0, eta: float = 0.0, sampler: str = "ddim", seed: int | None = None,
+def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_prompt: str = "",
+                  steps: int | None = None, guidance: float | None = None, eta: float = 0.0, sampler: str = "ddim", seed: int | None = None,
                   width: int | None = None, height: int | None = None, n: int = 1,
                   loras: dict[str, float] | None = None, image: PIL.Image.Image | None = None,
-                  mask: PIL.Image.Image | None = None, strength: float = 0.75) -> ImageRequest:
-    """Check every field against the model and the server's limits; images are resized to width × height."""
+                  mask: PIL.Image.Image | None = None, strength: float = 0.75) -> GenerationRequest:
+    """Check every field against the model and the server's limits; input images are resized to the size drawn
+    (`sizes.plan_size`: width × height, or the native size for sizes far above it)."""
     # 1. Text
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not is_utf8(text):
+            raise ApiError(422, f"{name} holds a lone surrogate (such as \"\\ud800\"), which is not text; send "
+                                "UTF-8 text (a JSON \\u escape must pair a high and a low surrogate).", name)
         if len(text) > limits.max_prompt_chars:
             raise ApiError(422, f"{name} has {len(text)} characters; the server accepts at most "
                                 f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
     try:
-        prompt, lora_scales = engine.resolve_loras(prompt, loras)
+        prompt, lora_specs = engine.resolve_loras(prompt, loras)
     except ValueError as err:
         raise ApiError(422, str(err), "loras") from None
     try:
@@ -57,51 +70,54 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
     except ValueError as err:
         raise ApiError(422, str(err), "sampler") from None
 
-    # 2. Numbers
-    max_steps = min(limits.max_steps, engine.max_steps)
-    if not 1 <= steps <= max_steps:
-        raise ApiError(422, f"steps={steps}; use 1 to {max_steps} (25 is typical).", "steps")
-    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
-        raise ApiError(422, f"guidance/cfg_scale={guidance}; use a number from 0 to 100 (1 = off, 5 is typical).",
-                       "cfg_scale")
-    if not math.isfinite(eta) or not 0 <= eta <= 1:
-        raise ApiError(422, f"eta={eta}; use a number from 0 (deterministic DDIM) to 1.", "eta")
-    if not math.isfinite(strength) or not 0 <= strength <= 1:
-        raise ApiError(422, f"denoising_strength={strength}; use a number from 0 (keep the input) to 1 (ignore it).",
-                       "denoising_strength")
+    # 2. The server's limits
+    if isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance > MAX_GUIDANCE:
+        raise ApiError(422, f"guidance/cfg_scale={guidance}; use a number from 0 to {MAX_GUIDANCE} (1 = off, 5 is "
+                            "typical).", "cfg_scale")
     if not 1 <= n <= limits.max_images:
         raise ApiError(422, f"{n} images requested; use 1 to {limits.max_images} per request (--max-images).", "n")
     if seed is None or seed == -1:
         seed = engine.random_seed()
-    if not 0 <= seed < 2**63 - limits.max_images:
-        raise ApiError(422, f"seed={seed}; use -1 (random) or 0 to 2^63 - {limits.max_images + 1}.", "seed")
-
-    # 3. Size: the model's native size by default, multiples of the VAE factor, at most max_pixels
-    width = engine.default_size if width is None else width
-    height = engine.default_size if height is None else height
-    factor = engine.size_factor
-    for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % factor:
-            raise ApiError(422, f"{name}={value} is not a positive multiple of {factor}; use e.g. "
-                                f"{max(factor, value // factor * factor)} (the model's native size is "
-                                f"{engine.default_size}).", name)
-    if width * height > limits.max_pixels:
-        raise ApiError(422, f"{width}x{height} is {width * height} pixels; the server allows at most "
-                            f"{limits.max_pixels} per image (--max-pixels).", "width")
-
-    # 4. Input image and mask, at the output size
     if mask is not None and image is None:
         raise ApiError(422, "a mask was sent without an image; send the image to inpaint too.", "mask")
+
+    # 3. The request's own ranges and the model's (the size drawn at: `sizes.plan_size`), as on every door
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                eta=eta, sampler=sampler, seed=seed, width=width, height=height, n=n,
+                                loras=lora_specs, strength=strength if image is not None else None, image=image,
+                                mask=mask)
+    try:
+        request = request.checked(API_NAMES)
+        width = engine.default_size if width is None else width
+        height = engine.default_size if height is None else height
+        if width * height > limits.max_pixels:
+            raise ApiError(422, f"{width}x{height} is {width * height} pixels; the server allows at most "
+                                f"{limits.max_pixels} per image (--max-pixels).", "width")
+        request = request.resolved(engine.pipe, max_steps=limits.max_steps)
+    except ValueError as err:
+        field = re.match(r"[\w/]+", str(err))
+        raise ApiError(422, f"{str(err).rstrip('.')}.", field.group(0) if field else None) from None
+
+    # 4. Input image and mask, at the size drawn
+    draw_size = request.draw_size
     if image is not None:
-        image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+        image = image.resize(draw_size, PIL.Image.Resampling.LANCZOS)
     if mask is not None:
-        mask = mask.convert("L").resize((width, height), PIL.Image.Resampling.NEAREST)
+        mask = mask.convert("L").resize(draw_size, PIL.Image.Resampling.NEAREST)
         if mask.getextrema()[1] < 128:
             raise ApiError(422, "the mask is all black, so there is nothing to repaint; paint the area to change "
                                 "white.", "mask")
-    return ImageRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=float(guidance),
-                        eta=float(eta), sampler=sampler, seed=seed, width=width, height=height, n=n,
-                        loras=lora_scales, image=image, mask=mask, strength=float(strength))
+    return dataclasses.replace(request, image=image, mask=mask)
+
+
+def is_utf8(text: str) -> bool:
+    """False for strings with lone surrogates: JSON's "\\ud800" decodes to one, and neither the tokenizer nor
+    the PNG writer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def decode_image_bytes(raw: bytes, field: str, limits: Limits, keep_alpha: bool = False) -> PIL.Image.Image:
@@ -110,12 +126,15 @@ def decode_image_bytes(raw: bytes, field: str, limits: Limits, keep_alpha: bool 
         image = PIL.Image.open(io.BytesIO(raw))
         w, h = image.size
         if w * h > 4 * limits.max_pixels:  # checked before decoding: a small file can expand to gigabytes
-            raise ApiError(413, f"{field} is {w}x{h}; send an image of at most {4 * limits.max_pixels} pixels.",
+            raise ApiError(413, f"{field} is too large ({w}x{h}); send an image of at most {4 * limits.max_pixels} pixels.",
                            field)
         image.load()
     except ApiError:
         raise
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+    except PIL.Image.DecompressionBombError:
+        raise ApiError(413, f"{field} is too large: it declares more pixels than PIL's safety limit; send an image "
+                            f"of at most {4 * limits.max_pixels} pixels.", field) from None
+    except (OSError, ValueError, SyntaxError):
         raise ApiError(422, f"{field} is not an image PIL can read; send a PNG, JPEG or WebP.", field) from None
     if keep_alpha and "A" in image.getbands():
         return image.convert("RGBA")
@@ -145,3 +164,23 @@ def a1111_mask(image: PIL.Image.Image) -> PIL.Image.Image:
     if "A" in image.getbands() and image.getextrema()[-1] != (255, 255):
         return image.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     return image.convert("L")
+
+
+def check_edit(engine: Engine, limits: Limits, *, source: str, target: str, method: str, steps: int,
+               guidance: float, cross_attention: float) -> None:
+    """Invert & edit's fields (the UI's fifth door), checked against the same limits as `image_request`."""
+    for name, text in (("source prompt", source), ("target prompt", target)):
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(422, "Describe the image (source prompt) and what it should become (target prompt).", name)
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(422, f"The {name} has {len(text)} characters; the server accepts at most "
+                                f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
+    if method not in METHODS:
+        raise ApiError(422, f"inversion={method!r}; use one of {', '.join(METHODS)}.", "method")
+    max_steps = min(limits.max_steps, engine.max_steps)
+    if not 2 <= steps <= max_steps:
+        raise ApiError(422, f"steps={steps}; use 2 to {max_steps} (25 is typical).", "steps")
+    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
+        raise ApiError(422, f"guidance={guidance}; use a number from 0 to 100 (5 is typical).", "guidance")
+    if not math.isfinite(cross_attention) or not 0 <= cross_attention <= 1:
+        raise ApiError(422, f"cross-attention injection={cross_attention}; use a number from 0 to 1.", "cross")
