@@ -107,7 +107,8 @@ def test_idle_and_dripping_connections_neither_lock_out_clients_nor_stay_open(se
         # ... and every one of them is closed by its deadline: 2 s for a head, 3 s for a body
         answers = [closed_by_server(sock, within=6) for sock in idle + dripping]
         assert all(a is not None for a in answers), "a socket that sent no complete head is still open"
-        assert all(a.startswith(b"HTTP/1.1 408") for a in answers)
+        assert answers[:64] == [b""] * 64  # silent: a browser's spare sockets send nothing either
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers[64:])  # a head that started gets a 408
         assert closed_by_server(body_stalled, within=6) is not None
         assert time.monotonic() - opened < 12
     finally:

@@ -35,6 +35,7 @@ class DeadlineH11Protocol(H11Protocol):
         self.phase_started = 0.0
         self.deadline: asyncio.TimerHandle | None = None
         self.upgraded = False
+        self.heard = False  # a byte arrived in this phase (a browser's spare connection sends none until used)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -45,6 +46,10 @@ class DeadlineH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.cancel_deadline()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -68,7 +73,7 @@ class DeadlineH11Protocol(H11Protocol):
         if phase == self.phase or self.transport.is_closing():
             return
         self.cancel_deadline()
-        self.phase, self.phase_started = phase, time.monotonic()
+        self.phase, self.phase_started, self.heard = phase, time.monotonic(), False
         if phase is not None:
             timeout = self.head_timeout if phase == "head" else self.body_timeout
             self.deadline = self.loop.call_later(timeout, self.expire)
@@ -79,12 +84,14 @@ class DeadlineH11Protocol(H11Protocol):
             self.deadline = None
 
     def expire(self) -> None:
-        """Past the deadline: a 408 where no request has started (nothing else is writing), then close. A body
-        that stops arriving ends the same way for the app: its request sees the client disconnect."""
+        """Past the deadline: a 408 to a head that started but did not finish, then close. A socket that sent
+        nothing is closed without a word: browsers open spare ones, and treat a silent close as "retry on a new
+        one" but a 408 as the answer. A body that stops arriving ends the same way for the app: its request sees
+        the client disconnect."""
         self.deadline = None
         if self.transport.is_closing():
             return
-        if self.phase == "head" and self.conn.our_state is h11.IDLE:
+        if self.phase == "head" and self.heard and self.conn.our_state is h11.IDLE:
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
         self.transport.close()
 
