@@ -24,6 +24,7 @@ LAZY_IMPORTS = {
     ("ldm_app.pipeline_loaders", "ldm_app.single_file"): "portable exports: checkpoint conversion stays out of the "
                                                            "pipeline code that hub.make_portable bundles",
     ("ldm_app.finetune", "ldm_app.trainer"): "optional extra: training needs ldm-app[train] (require_extra first)",
+    ("ldm_app.distill", "ldm_app.trainer"): "optional extra: as above",
     ("ldm_app.finetune", "ldm_app.checkpoints"): "optional extra: as above",
     ("ldm_app.serve", "ldm_app.serve.*"): "optional extra: the web extra is checked before the server's modules load",
     ("ldm_app.serve.app", "ldm_app.serve.*"): "optional extra: the routers and gradio load with the app",

@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from ..inversion import METHODS
 from ..sizes import MAX_UPSCALE, plan_size
 from ..request import GenerationRequest
+from ..samplers import SAMPLERS, sampler_defaults
 from .engine import Engine, read_png_text
 from .queue import Job, JobQueue, QueueFull
 from .settings import Limits
@@ -224,9 +225,21 @@ def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[s
                                     elem_id="lora-weight")
         allow_empty = gr.Checkbox(False, label="Allow an empty prompt (draws an unconditional sample)",
                                   elem_id="allow-empty")
+    sampler.input(sampler_settings, [sampler, steps, guidance], [steps, guidance])
     form = dict(allow_empty=allow_empty, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                 width=width, height=height, count=count, loras=loras, lora_weight=lora_weight)
     return accordion, form, reuse, size_note
+
+
+def sampler_settings(name: str, steps: int, guidance: float) -> tuple[Any, Any]:
+    """Picking a sampler with its own defaults (lcm: 4 steps, CFG 1) sets them; leaving it for another restores
+    the usual ones; other settings are the user's and stay."""
+    own = SAMPLERS[name]
+    if own.steps is not None or own.guidance is not None:
+        return sampler_defaults(name, None, None)
+    if any((steps, guidance) == (s.steps, s.guidance) for s in SAMPLERS.values() if s.steps is not None):
+        return sampler_defaults(name, None, None)
+    return gr.update(), gr.update()
 
 
 def history_panel() -> tuple[gr.State, gr.Gallery]:
