@@ -39,13 +39,16 @@ Examples:
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=32.0, help="Request body size, images included.")
 @click.option("--max-prompt-chars", type=click.IntRange(min=1), default=4000, help="Length of a prompt or negative prompt.")
 @click.option("--no-ui", is_flag=True, help="Serve the APIs only.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for jobs (fine-tunes, queued generations), kept across restarts: a killed server resumes "
+                   "them. Default: a temporary folder.")
 def serve(model: str, variant: str | None, loras: tuple[str, ...], lora_dir: str | None, host: str, port: int,
           api_key: str | None, insecure: bool, device: str, dtype: str, max_queue: int, max_batch: int,
           max_pixels: int, max_steps: int, max_images: int, max_body_mb: float, max_prompt_chars: int,
-          no_ui: bool) -> None:
+          no_ui: bool, data_dir: str | None) -> None:
     """Serve a web UI, AUTOMATIC1111's API (/sdapi/v1) and OpenAI's images API (/v1/images) on one model."""
     from ..serve import Limits, run_server
 
     run_server(model, list(loras), host, port, api_key, insecure, device, dtype, max_queue, max_batch, lora_dir,
                Limits(max_pixels, max_steps, max_images, int(max_body_mb * 2**20), max_prompt_chars), not no_ui,
-               variant)
+               variant, data_dir)

@@ -21,10 +21,12 @@ def create_app(engine, settings: Settings | None = None):  # noqa: ANN001,ANN201
 def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), host: str = "127.0.0.1",
                port: int = 7860, api_key: str | None = None, insecure: bool = False, device: str = "auto",
                dtype: str = "auto", max_queue: int = 32, max_batch: int = 16, lora_dir: str | None = None,
-               limits: Limits | None = None, ui: bool = True, variant: str | None = None) -> None:
+               limits: Limits | None = None, ui: bool = True, variant: str | None = None,
+               data_dir: str | None = None) -> None:
     """Load the model and LoRAs, then serve until interrupted. Raises ValueError (before loading anything) for
     a non-loopback `host` without `api_key` unless `insecure`, and for bad settings."""
     import importlib.util
+    from pathlib import Path
 
     check_bind(host, api_key, insecure)
     needed = ["uvicorn", "fastapi", "multipart"] + (["gradio"] if ui else [])  # multipart: OpenAI's image edits
@@ -38,7 +40,10 @@ def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), 
     from .engine import Engine
 
     settings = Settings(api_key=api_key, max_queue=max_queue, max_batch=max_batch, ui=ui,
-                        limits=limits or Limits())
+                        limits=limits or Limits(), data_dir=data_dir, lora_dir=lora_dir)
+    if data_dir is not None and lora_dir is None:  # fine-tunes finish into the data folder: offer those too
+        lora_dir = str(Path(data_dir).expanduser() / "loras")
+        Path(lora_dir).mkdir(parents=True, exist_ok=True)
     engine = Engine.load(model, list(loras), lora_dir, device, dtype, variant)
     app = _create_app(engine, settings)
     print(f"ldm-app serve: http://{host}:{port}/ (UI), /sdapi/v1 (A1111), /v1/images (OpenAI)", flush=True)

@@ -32,13 +32,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / 2**20, help="Request body size.")
     p.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars, help="Prompt length.")
     p.add_argument("--no-ui", action="store_true", help="Serve the APIs only.")
+    p.add_argument("--data-dir", default=None,
+                   help="Folder for jobs (a database and the jobs' files), kept across restarts; default: a "
+                        "temporary folder.")
     args = p.parse_args(argv)
     try:
         limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
                         max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars)
         api_key = args.api_key or os.environ.get("LDM_APP_API_KEY")  # not a default: --help would print it
         run_server(args.model, args.loras, args.host, args.port, api_key, args.insecure, args.device,
-                   args.dtype, args.max_queue, args.max_batch, args.lora_dir, limits, not args.no_ui, args.variant)
+                   args.dtype, args.max_queue, args.max_batch, args.lora_dir, limits, not args.no_ui, args.variant,
+                   args.data_dir)
     except ValueError as err:  # bad flags, a model or LoRA that cannot be loaded: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, ImageRequest
+from .jobs import add_jobs, run_as_job
 from .queue import Job, JobQueue, QueueFull
 from .settings import Settings
 from .validation import ApiError
@@ -37,6 +38,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     queue.start()
     app = FastAPI(title="ldm-app", version="0.1.0", on_shutdown=[queue.stop])
     app.state.engine, app.state.settings, app.state.queue = engine, settings, queue
+    add_jobs(app, engine, queue, settings)  # ldm-app's jobs API, and the jobs a previous run left
 
     # 1. Errors: a 4xx that says what to fix, in the shape each API's clients parse; never a traceback
     app.add_exception_handler(ApiError, lambda request, err: error_response(request, err.status, err.message, err.param))
@@ -84,7 +86,10 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
 async def run_job(request: Request, queue: JobQueue, image_request: ImageRequest | None = None,
                   task: Any = None) -> Any:
-    """Queue the work and wait for it; if the client disconnects first its job is dropped (or its batch stops)."""
+    """Queue the work and wait for it; if the client disconnects first its job is dropped (or its batch stops).
+    Image requests run as jobs (/ldm/v1/jobs), so that they can be watched and cancelled by their ID."""
+    if image_request is not None:
+        return await run_as_job(request, image_request, "a1111" if request.url.path.startswith("/sdapi") else "openai")
     job = queue.submit(image_request, task)
     return await wait_for(job, queue, request)
 
