@@ -25,12 +25,13 @@ def add_jobs(app: Any, engine: Any, queue: Any, settings: Any) -> Jobs:
     jobs = Jobs(Path(data_dir).expanduser(), engine, queue, settings.limits, lora_dir.expanduser())
     jobs.start()
 
-    def stop() -> None:
-        jobs.stop()
+    def close() -> None:
+        jobs.close()
         if temporary:
             shutil.rmtree(data_dir, ignore_errors=True)
 
-    app.router.on_shutdown.insert(0, stop)  # before the queue: a LoRA being published still needs it
+    app.router.on_shutdown.insert(0, jobs.stop)  # before the queue: a LoRA being published still needs it
+    app.router.on_shutdown.append(close)  # after it: what the queue drops while stopping is recorded
     app.state.jobs = jobs
     app.include_router(router)
     app.add_middleware(JobIdHeader)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
@@ -99,14 +100,18 @@ class Jobs:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the running fine-tune at its next step boundary (it stays `running` and resumes on the next
-        start) and release the data folder."""
+        """Stop the running fine-tune at its next step boundary: it stays `running` and resumes on the next
+        start (as do generations the queue drops while it stops)."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.store.close()
-        self._lock_file.close()
+
+    def close(self) -> None:
+        """Release the database and the data folder (after the queue has stopped)."""
+        with self._lock:
+            self.store.close()
+            self._lock_file.close()
 
     # ------------------------------------------------------------------------------------------------------
     # Submitting and cancelling
@@ -196,12 +201,20 @@ class Jobs:
             self._live[job_id] = queued
         # the queue resolves futures under its own lock: record the outcome on another thread
         queued.future.add_done_callback(lambda f: threading.Thread(
-            target=self._generation_done, args=(job_id, request, source, f), daemon=True).start())
+            target=self._record_generation, args=(job_id, request, source, f), daemon=True).start())
         return queued
+
+    def _record_generation(self, job_id: str, request: ImageRequest, source: str, future: Future) -> None:
+        try:
+            self._generation_done(job_id, request, source, future)
+        except sqlite3.ProgrammingError:  # the server closed the store meanwhile: the row is taken up at start
+            pass
 
     def _generation_done(self, job_id: str, request: ImageRequest, source: str, future: Future) -> None:
         with self._lock:
             self._live.pop(job_id, None)
+            if self._stopping.is_set() and (future.cancelled() or future.exception() is not None):
+                return  # dropped by the stopping queue: stays queued, to be taken up on the next start
             record = self.store.get(job_id)
             if record is None or record.final:
                 return
@@ -254,8 +267,11 @@ class Jobs:
 
     def _run(self, record: JobRecord) -> None:
         job_id, options = record.id, FinetuneOptions(**record.params)
-        resumed = record.state == "running"
-        logger.info("%s fine-tune job %s (LoRA %s)", "resuming" if resumed else "starting", job_id, options.name)
+        if record.state == "running":  # progress restarts from the checkpoint the trainer resumes from
+            from ...checkpoints import CHECKPOINTS, checkpoints  # the train extra (accelerate): only when training
+
+            done = checkpoints(self.run_dir(job_id) / CHECKPOINTS)
+            self.store.update(job_id, step=int(done[-1].name.rpartition("-")[2]) if done else 0)
 
         def on_step(step: int, loss: float) -> None:
             self.store.record_loss(job_id, step, loss)
