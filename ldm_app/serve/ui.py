@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from .engine import Engine, ImageRequest, read_png_text
 from .queue import JobQueue, QueueFull
+from .ui_train import train_lora_tab
 from .validation import ApiError, image_request
 
 CSS = """
@@ -29,13 +30,15 @@ def mount_ui(app: FastAPI) -> None:
     """Build the UI over `app`'s engine and queue and serve it at /."""
     outputs = Path(tempfile.mkdtemp(prefix="ldm-app-ui-"))  # the PNGs gradio serves (it keeps its own copies)
     app.router.on_shutdown.append(lambda: shutil.rmtree(outputs, ignore_errors=True))
-    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs)
+    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs, app.state.jobs,
+                      app.state.settings.api_key)
     blocks.queue(max_size=app.state.settings.max_queue)  # gradio's own queue, bounded like the server's
     gr.mount_gradio_app(app, blocks, path="/", ssr_mode=False, footer_links=["api"], css=CSS,
                         max_file_size=app.state.settings.limits.max_body_bytes)
 
 
-def build_ui(engine: Engine, queue: JobQueue, limits: Any, outputs: Path) -> gr.Blocks:
+def build_ui(engine: Engine, queue: JobQueue, limits: Any, outputs: Path, app_jobs: Any = None,
+             api_key: str | None = None) -> gr.Blocks:
     """The UI's components and handlers; every handler goes through `queue`, generated PNGs go to `outputs`."""
     labels = engine.sampler_labels()
     factor, native = engine.size_factor, engine.default_size
@@ -172,6 +175,7 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Any, outputs: Path) -> gr.
                     edit_guidance = gr.Slider(1, 15, value=5, step=0.5, label="Guidance")
                     cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention injection")
                 edit_button = gr.Button("Invert and edit", variant="primary", elem_id="generate-edit")
+            train_lora_tab(app_jobs, limits, api_key)
             with gr.Tab("PNG info", id="pnginfo"):
                 png_file = gr.File(label="Drop an ldm-app or A1111 PNG", file_types=[".png"], type="filepath",
                                    elem_id="png-file")

@@ -46,9 +46,12 @@ def jobs_of(http: Request) -> Jobs:
 
 
 def owner_of(http: Request) -> str | None:
-    """Whose job this is: a hash of the API key the request was let in with (the key check has run by now), or
-    None on a server without a key. Only the hash is stored."""
-    key = http.app.state.settings.api_key
+    """Whose job this is: the API key the request was let in with (the key check has run by now)."""
+    return owner_for_key(http.app.state.settings.api_key)
+
+
+def owner_for_key(key: str | None) -> str | None:
+    """A job's owner: a hash of its key (only the hash is stored), or None on a server without a key."""
     return None if key is None else hashlib.sha256(f"ldm-app job owner\0{key}".encode()).hexdigest()[:32]
 
 
