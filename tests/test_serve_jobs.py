@@ -203,7 +203,7 @@ def png(size=(32, 32)) -> bytes:
     ({"name": "x", "prompt": "p", "colour": "red"}, [("photos", ("a.png", png()))], 422, "unknown field 'colour'"),
     ({"name": "x"}, [("photos", ("a.png", png()))], 422, "a.png has no caption"),
     ({"name": "x", "prompt": "p"}, [("photos", ("cat.png", b"not an image"))], 422, "photos (cat.png) is not an image"),
-    ({"name": "x", "prompt": "p"}, [("photos", ("big.png", png((200, 200))))], 413, "photos (big.png) is 200x200"),
+    ({"name": "x", "prompt": "p"}, [("photos", ("big.png", png((200, 200))))], 413, "photos (big.png) is too large (200x200)"),
     ({"name": "x", "prompt": "p"}, [("photos", ("a.zip", b"PK not a zip"))], 422, "a.zip is not a zip file"),
     ({"name": "x", "prompt": "p", "prior_preservation": "true"}, [("photos", ("a.png", png()))], 422,
      "prior_preservation needs class_prompt"),

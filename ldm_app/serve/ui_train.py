@@ -40,8 +40,8 @@ def photo_captions(paths: list[str] | None) -> list[list[str]]:
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
 
 
-def train_lora_tab(jobs: Jobs, limits: Any, api_key: str | None) -> gr.Textbox:
-    """The tab's components and handlers (call inside `gr.Tabs()`); returns a hidden textbox that takes the
+def train_lora_tab(jobs: Jobs, limits: Any, api_key: str | None) -> tuple[gr.Tab, gr.Textbox]:
+    """The tab's components and handlers (call inside `gr.Tabs()`): the tab, and a hidden textbox that takes the
     name of each LoRA when its training ends, for the LoRA picker to follow."""
     owner = owner_for_key(api_key)
 
@@ -99,7 +99,7 @@ def train_lora_tab(jobs: Jobs, limits: Any, api_key: str | None) -> gr.Textbox:
         record = jobs.cancel(job_id)
         return f"Cancelling **{record.params['name']}** at its next step…" if not record.final else gr.update()
 
-    with gr.Tab("Train LoRA", id="train"):
+    with gr.Tab("Train LoRA", id="train") as tab:
         photos = gr.File(label="Photos (or a .zip; .txt files of the same name are captions)", file_count="multiple",
                          file_types=["image", ".zip", ".txt"], type="filepath", elem_id="train-photos")
         table = gr.Dataframe(headers=["photo", "caption"], datatype=["str", "str"], interactive=True,
@@ -139,4 +139,4 @@ def train_lora_tab(jobs: Jobs, limits: Any, api_key: str | None) -> gr.Textbox:
                                fmt, seed], [job_id, status, timer])
     timer.tick(watch, job_id, [status, curve, sample, grid, links, finished, timer])
     cancel_button.click(cancel, job_id, status)
-    return finished
+    return tab, finished

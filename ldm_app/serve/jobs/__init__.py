@@ -1,5 +1,6 @@
-"""Jobs: LoRA fine-tunes and generations submitted for later, kept in the server's data folder so that a
-restart takes them up again; ldm-app's own API at /ldm/v1/jobs. `add_jobs` puts them on the server's app."""
+"""Jobs: the routes' way to the model (`run_job`), and LoRA fine-tunes and generations submitted for later, kept
+in the server's data folder so that a restart takes them up again; ldm-app's own API at /ldm/v1/jobs. `add_jobs`
+puts them on the server's app."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .api import JobIdHeader, router, run_as_job
+from .api import JobIdHeader, router, run_as_job, run_job
 from .service import Jobs
 
-__all__ = ["Jobs", "add_jobs", "run_as_job"]
+__all__ = ["Jobs", "add_jobs", "run_as_job", "run_job"]
 
 
 def add_jobs(app: Any, engine: Any, queue: Any, settings: Any) -> Jobs:

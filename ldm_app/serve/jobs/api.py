@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from ..engine import ImageRequest
+from ..engine import Engine, ImageRequest
 from ..validation import ApiError, image_request, parse_size
 from .photos import stage_uploads
 from .service import GENERATE, Jobs
@@ -269,7 +269,32 @@ def job_file(job_id: str, name: str, http: Request) -> FileResponse:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A1111 and OpenAI requests as jobs
+# The routes' way to the model: A1111 and OpenAI requests as jobs
+
+
+async def run_job(request: Request, image_request: ImageRequest | None = None,
+                  task: Callable[[Engine], Any] | None = None) -> Any:
+    """Queue the work and wait for it; if the client disconnects first its job is dropped (or its batch stops).
+    Image requests run as jobs (`run_as_job`); a full queue raises `QueueFull`, a stopping server `ShuttingDown`
+    (both a 503)."""
+    if image_request is not None:
+        return await run_as_job(request, image_request, "a1111" if request.url.path.startswith("/sdapi") else "openai")
+    queue = request.app.state.queue
+    job = queue.submit(image_request, task)
+    future = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.25)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                queue.cancel(job)
+                raise ApiError(499, "The client disconnected.")
+    except asyncio.CancelledError:
+        queue.cancel(job)
+        raise
+    except ValueError as err:  # the library's own checks: bad input it caught first
+        raise ApiError(422, str(err)) from None
 
 
 async def run_as_job(http: Request, request: ImageRequest, source: str) -> Any:

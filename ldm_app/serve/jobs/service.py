@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import Engine, ImageRequest, LoadedLora
-from ..queue import JobQueue, QueueFull
+from ..queue import JobQueue, QueueFull, ShuttingDown
 from ..settings import Limits
 from ..validation import ApiError, image_request
 from .store import JobRecord, JobStore
@@ -213,8 +213,9 @@ class Jobs:
     def _generation_done(self, job_id: str, request: ImageRequest, source: str, future: Future) -> None:
         with self._lock:
             self._live.pop(job_id, None)
-            if self._stopping.is_set() and (future.cancelled() or future.exception() is not None):
-                return  # dropped by the stopping queue: stays queued, to be taken up on the next start
+            dropped = isinstance(future.exception(), ShuttingDown) if not future.cancelled() else self._stopping.is_set()
+            if dropped and source == "jobs":
+                return  # dropped by the stopping server: stays queued, to be taken up on the next start
             record = self.store.get(job_id)
             if record is None or record.final:
                 return

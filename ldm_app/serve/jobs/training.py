@@ -88,7 +88,7 @@ def run_finetune(options: FinetuneOptions, photos: Path, run: Path, model: str,
                   resolution=options.resolution, train_text_encoder=options.train_text_encoder,
                   class_prompts=options.class_prompts, num_class_images=options.num_class_images,
                   kohya=options.format == "kohya", mixed_precision=options.mixed_precision, seed=options.seed,
-                  resume=True, note=note, checkpoint_every=checkpoint_every, sample_every=sample_every,
+                  resume=True, note=note, progress=False, checkpoint_every=checkpoint_every, sample_every=sample_every,
                   on_step=on_step)
 
 
