@@ -272,3 +272,14 @@ def test_the_store_keeps_jobs_across_reopening(tmp_path):
     assert again.get(job.id).state == "running" and again.get(job.id).step == 3
     assert again.losses(job.id) == [(3, 0.25)] and [r.id for r in again.unfinished()] == [job.id]
     assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_stored_generation_request_rebuilds_the_same_request():
+    from ldm_app.serve.jobs.service import request_params
+    from ldm_app.serve.validation import image_request
+
+    engine = Engine(tiny_pipeline(), "tiny")
+    request = image_request(engine, Limits(), prompt="a red cat", negative_prompt="blue", steps=7, n=2, seed=None,
+                            guidance=3.0, sampler="euler")
+    stored = json.loads(json.dumps(request_params(request)))  # as the database keeps it
+    assert image_request(engine, Limits(), **stored) == request  # the random seed included

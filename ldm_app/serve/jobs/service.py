@@ -16,6 +16,7 @@ died with the old process.
 from __future__ import annotations
 
 import fcntl
+import inspect
 import logging
 import os
 import sqlite3
@@ -342,6 +343,8 @@ class Jobs:
 
 
 def request_params(request: ImageRequest) -> dict[str, Any]:
-    """What re-creates a (text-to-image) request after a restart: its fields, LoRAs as name → scale (those on)."""
-    values = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in ("image", "mask", "loras")}
+    """What re-creates a (text-to-image) request after a restart: the fields `image_request` takes from a client
+    (LoRAs as name → scale, those on), as the checks resolved them (a random seed is stored as drawn)."""
+    taken = set(inspect.signature(image_request).parameters) - {"engine", "limits", "image", "mask", "loras"}
+    values = {f.name: getattr(request, f.name) for f in fields(request) if f.name in taken}
     return values | {"loras": {name: scale for name, scale in request.loras if scale}}
