@@ -1,6 +1,6 @@
 """The Train LoRA tab in a real browser (headless chromium via selenium, a real server on a free loopback port,
-stopped by its PID): upload 4 photos, start, see the step count move, see the finished LoRA offered by name, and
-generate with it. The tiny random model and a few steps, bounded in time.
+stopped by its PID): upload 4 photos, start, see the step count move, see the finished LoRA in the LoRA picker,
+and generate with it. The tiny random model and a few steps, bounded in time.
 
 Skipped only where chromium is missing and CI is not set; in CI a missing browser fails the test."""
 
@@ -91,13 +91,15 @@ def test_train_a_lora_in_the_browser_and_generate_with_it(browser, server, tmp_p
     with urllib.request.urlopen(server + "/sdapi/v1/loras") as r:
         assert "browser-lora" in [lora["name"] for lora in json.load(r)]
 
-    # generate with it: the new LoRA by name in the prompt
+    # generate with it: the new LoRA in the picker (which the server started without: it had no LoRA)
     click_tab(browser, "Text to image")
-    prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
-    prompt.clear()
-    prompt.send_keys("a red heart <lora:browser-lora:1>")
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("a red heart")
+    picker = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#lora-picker input")))
+    picker.click()
+    picker.send_keys("browser-lora", Keys.ENTER)
+    wait.until(lambda d: "browser-lora" in d.find_element(By.CSS_SELECTOR, "#lora-picker").text)
     browser.find_element(By.CSS_SELECTOR, "button#generate").click()
     image = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#gallery img")))
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image))
-    wait.until(lambda d: "browser-lora" in " ".join(t.get_attribute("value") for t in
-                                                     d.find_elements(By.CSS_SELECTOR, "textarea")))
+    wait.until(lambda d: "<lora:browser-lora:0.8>" in d.find_element(By.CSS_SELECTOR, "#run-info textarea")
+               .get_attribute("value"))
