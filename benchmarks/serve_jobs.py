@@ -78,7 +78,7 @@ def main() -> None:
 
     print(f"\n{args.requests} sequential txt2img requests ({args.steps} steps, 1 image, {args.model}), "
           f"torch threads {args.threads}, fine-tune batch {args.batch_size}\n")
-    print(f"| condition | median latency (s) | p90 (s) | vs. idle | training steps meanwhile |")
+    print("| condition | median latency (s) | p90 (s) | vs. idle | training steps meanwhile |")
     print("|---|---|---|---|---|")
     idle = statistics.median(rows[0][1])
     for name, values, trained in rows:

@@ -4,7 +4,6 @@ prompt, the LoRA picker, GET /sdapi/v1/loras). The tab submits a job like POST /
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
