@@ -27,12 +27,18 @@ from .batches import make_batches, seeded_generator
 from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_folder, require_free_space, resume,
                           save_checkpoint)
 from .components import UNet, load_unet
+from .consistency import ConsistencyLoss, add_guidance_input, frozen_copy, lcm_scheduler
 from .config import Config, TrainConfig, save_config, validate_config
 from .encoders import Encoders, pipeline_subfolder
+from .generation import generate_images
 from .hub import make_portable, push_to_hub, share_export, write_model_card
-from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .loading import load_model
+from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
+from .lora_saving import save_lora
 from .objective import DenoisingLoss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
+from .request import GenerationRequest
+from .single_file import is_single_file
 from .unet import LdmUNet
 
 
@@ -79,6 +85,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
         encoders = Encoders.load(config.model, accelerator.device, frozen_dtype(accelerator))
         unet = build_unet(config, encoders.text_encoder.config.hidden_size, encoders.vae.config.latent_channels,
                           config.data.resolution // encoders.vae_factor)
+        teacher = distillation_teacher(unet, config)
         if config.lora.rank:
             add_lora(unet, config.lora.rank, config.lora.alpha, UNET_TARGETS)
         if setup_unet is not None:
@@ -97,7 +104,6 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
         trained = [unet, encoders.text_encoder] if train_text else [unet]
         # ∅ for caption dropout: its hidden states, or its token ids when the text encoder trains and runs in-graph
         empty = encoders.tokenize([""]) if train_text else encoders.encode_captions([""]).cpu()
-        loss_fn = DenoisingLoss(noise_scheduler(obj), obj, empty, encoders.scaling_factor, accelerator.device)
 
         # 4. The trainable parameters in fp32, their EMA, the optimizer and the LR schedule
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
@@ -111,6 +117,12 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
         *trained, optimizer = accelerator.prepare(*trained, optimizer)
         unet, text_encoder = trained[0], (trained[1] if train_text else None)
+        if teacher is None:
+            loss_fn = DenoisingLoss(noise_scheduler(obj), obj, empty, encoders.scaling_factor, accelerator.device)
+        else:  # the EMA is the target network θ⁻
+            loss_fn = ConsistencyLoss(noise_scheduler(obj), config.distill, teacher.to(accelerator.device),
+                                      copy.deepcopy(accelerator.unwrap_model(unet)) if ema is not None else None,
+                                      ema, empty, encoders.scaling_factor, accelerator.device)
 
         # 5. Resume from the last complete checkpoint
         ckpt_dir = out / CHECKPOINTS
@@ -192,6 +204,17 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
 # Stages
 
 
+def distillation_teacher(unet: UNet, config: Config) -> UNet | None:
+    """With `distill.method` set: a frozen copy of the pretrained UNet as the teacher, taken before adapters or
+    the guidance input are added to the student (and before a resumed checkpoint overwrites it)."""
+    if config.distill.method == "none":
+        return None
+    teacher = frozen_copy(unet)
+    if config.distill.time_cond_proj_dim:
+        add_guidance_input(unet, config.distill.time_cond_proj_dim)
+    return teacher
+
+
 def frozen_dtype(accelerator: Accelerator) -> torch.dtype | None:
     """Half precision for the frozen encoders on GPUs under mixed precision (they only run forward)."""
     if accelerator.device.type != "cuda":
@@ -200,8 +223,11 @@ def frozen_dtype(accelerator: Accelerator) -> torch.dtype | None:
 
 
 def build_unet(config: Config, cross_attention_dim: int, latent_channels: int, latent_size: int) -> UNet:
-    """A pretrained UNet (pipeline or UNet folder), or a fresh LdmUNet sized to the encoders."""
+    """A pretrained UNet (pipeline or UNet folder, single-file checkpoint), or a fresh LdmUNet sized to the
+    encoders."""
     m = config.model
+    if m.pretrained_unet and is_single_file(m.pretrained_unet):
+        return load_model(m.pretrained_unet).unet.train()
     if m.pretrained_unet:
         subfolder = pipeline_subfolder(m.pretrained_unet, m.pretrained_unet_subfolder, "unet")
         return load_unet(m.pretrained_unet, subfolder).train()
@@ -229,11 +255,9 @@ def with_ema(models: list[torch.nn.Module], ema: EMAModel | None) -> list[torch.
 def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
     """Sample the validation prompts (columns) × seeds (rows) into one image, written atomically."""
     t = config.train
-    images = []
-    for seed in t.validation_seeds:
-        images += pipe(t.validation_prompts, num_inference_steps=t.validation_steps,
-                       guidance_scale=t.validation_guidance,
-                       generator=[torch.Generator().manual_seed(seed) for _ in t.validation_prompts]).images
+    requests = [GenerationRequest(prompt, steps=t.validation_steps, guidance=t.validation_guidance, sampler=None,
+                                  seed=seed) for seed in t.validation_seeds for prompt in t.validation_prompts]
+    images = [image for (image,) in generate_images(pipe, requests, batch_size=len(t.validation_prompts))]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         make_image_grid(images, rows=len(t.validation_seeds), cols=len(t.validation_prompts)).save(tmp)
@@ -272,7 +296,9 @@ def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema:
                   encoders: Encoders, config: Config) -> LdmPipeline:
     """A pipeline with the trained models' EMA weights (the UNet, and the text encoder where it trains)."""
     unet, *trained_text = with_ema([accelerator.unwrap_model(m) for m in trained], ema)
+    scheduler = (sampling_scheduler(config.objective) if config.distill.method == "none"
+                 else lcm_scheduler(config.objective, config.distill))
     pipe = LdmPipeline(vae=encoders.vae, text_encoder=trained_text[0] if trained_text else encoders.text_encoder,
-                       tokenizer=encoders.tokenizer, unet=unet, scheduler=sampling_scheduler(config.objective))
+                       tokenizer=encoders.tokenizer, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

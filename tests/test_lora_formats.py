@@ -8,9 +8,10 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_app.lora import (KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, kohya_base_problem,
-                          lora_short_hash, save_lora)
-from ldm_app.testing import tiny_pipeline
+from ldm_app.kohya import kohya_base_problem, lora_short_hash
+from ldm_app.lora import KOHYA_FILE, LORA_FILE
+from ldm_app.lora_saving import save_lora
+from ldm_app.testing import add_random_lora, tiny_pipeline
 
 
 def generate(pipe):
@@ -20,16 +21,7 @@ def generate(pipe):
 
 def trained_pipe(kind="diffusers", text_encoder=True):
     """A pipeline with rank-4, α = 8 adapters whose B is random (as after training)."""
-    pipe = tiny_pipeline(kind)
-    add_lora(pipe.unet, rank=4, alpha=8, targets=UNET_TARGETS)
-    if text_encoder:
-        add_lora(pipe.text_encoder, rank=4, alpha=8, targets=TEXT_ENCODER_TARGETS)
-    g = torch.Generator().manual_seed(1)
-    for model in (pipe.unet, pipe.text_encoder):
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=g) * 0.2
-    return pipe
+    return add_random_lora(tiny_pipeline(kind), text_encoder=text_encoder, alpha=8)
 
 
 def tensor_hash(path) -> str:
@@ -96,7 +88,7 @@ def test_kohya_for_an_ldm_unet_says_a1111_and_comfyui_cannot_apply_it(tmp_path, 
     pipe = trained_pipe("ldm", text_encoder=False)
     assert kohya_base_problem(tiny_pipeline("diffusers").unet) is None
     assert "A1111 and ComfyUI cannot load" in kohya_base_problem(pipe.unet)
-    with caplog.at_level(logging.WARNING, logger="ldm_app.lora"):
+    with caplog.at_level(logging.WARNING, logger="ldm_app.lora_saving"):
         save_lora(pipe.unet, None, tmp_path, kohya=True)
     assert "A1111 and ComfyUI cannot load" in caplog.text
     with safe_open(tmp_path / KOHYA_FILE, "pt") as f:

@@ -281,5 +281,5 @@ def test_a_stored_generation_request_rebuilds_the_same_request():
     engine = Engine(tiny_pipeline(), "tiny")
     request = image_request(engine, Limits(), prompt="a red cat", negative_prompt="blue", steps=7, n=2, seed=None,
                             guidance=3.0, sampler="euler")
-    stored = json.loads(json.dumps(request_params(request)))  # as the database keeps it
+    stored = json.loads(json.dumps(request_params(request, engine)))  # as the database keeps it
     assert image_request(engine, Limits(), **stored) == request  # the random seed included

@@ -25,7 +25,9 @@ from fastapi import FastAPI
 
 from ..inversion import METHODS
 from ..sizes import MAX_UPSCALE, plan_size
-from .engine import Engine, ImageRequest, read_png_text
+from ..request import GenerationRequest
+from ..samplers import SAMPLERS, sampler_defaults
+from .engine import Engine, read_png_text
 from .jobs import Jobs
 from .queue import Job, JobQueue, QueueFull
 from .settings import Limits
@@ -49,24 +51,6 @@ def mount_ui(app: FastAPI) -> None:
     blocks.queue(max_size=app.state.settings.max_queue)  # gradio's own queue, bounded like the server's
     gr.mount_gradio_app(app, blocks, path="/", ssr_mode=False, footer_links=["api"], css=CSS,
                         max_file_size=app.state.settings.limits.max_body_bytes)
-
-
-def image_upload(**kwargs: Any) -> gr.Image:
-    """A gr.Image whose upload of a file that is not an image is one sentence, not gradio's processing error.
-
-    The instance's `preprocess` is wrapped rather than gr.Image subclassed: gradio writes a `.pyi` stub next to
-    the module of every component subclass when it is imported, which fails in a read-only install."""
-    image = gr.Image(**kwargs)
-    plain_preprocess = image.preprocess
-
-    def preprocess(payload: Any) -> Any:
-        try:
-            return plain_preprocess(payload)
-        except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
-            raise gr.Error("That file is not an image; upload a PNG, JPEG or WebP.") from None
-
-    image.preprocess = preprocess
-    return image
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,7 +127,7 @@ def text_tab() -> tuple[gr.Tab, gr.Button]:
 
 def image_tab() -> tuple[gr.Tab, gr.Image, gr.Slider, gr.Button]:
     with gr.Tab("Image to image", id="img2img") as tab:
-        init = image_upload(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
+        init = gr.Image(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
         strength = gr.Slider(0, 1, value=STRENGTH["img2img"], step=0.05, elem_id="strength-img2img",
                              label="Denoising strength (0 keeps the image, 1 ignores it)")
         button = gr.Button("Generate from image", variant="primary", elem_id="generate-img2img")
@@ -179,7 +163,7 @@ class EditTab:
 
 def edit_tab(engine: Engine, limits: Limits) -> EditTab:
     with gr.Tab("Invert & edit", id="edit") as tab:
-        image = image_upload(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
+        image = gr.Image(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
         source = gr.Textbox(label="Source prompt (what the image shows)", elem_id="edit-source")
         target = gr.Textbox(label="Target prompt (what it should become)", elem_id="edit-target")
         with gr.Row():
@@ -245,9 +229,21 @@ def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[s
                                     elem_id="lora-weight")
         allow_empty = gr.Checkbox(False, label="Allow an empty prompt (draws an unconditional sample)",
                                   elem_id="allow-empty")
+    sampler.input(sampler_settings, [sampler, steps, guidance], [steps, guidance])
     form = dict(allow_empty=allow_empty, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                 width=width, height=height, count=count, loras=loras, lora_weight=lora_weight)
     return accordion, form, reuse, size_note, lora_row
+
+
+def sampler_settings(name: str, steps: int, guidance: float) -> tuple[Any, Any]:
+    """Picking a sampler with its own defaults (lcm: 4 steps, CFG 1) sets them; leaving it for another restores
+    the usual ones; other settings are the user's and stay."""
+    own = SAMPLERS[name]
+    if own.steps is not None or own.guidance is not None:
+        return sampler_defaults(name, None, None)
+    if any((steps, guidance) == (s.steps, s.guidance) for s in SAMPLERS.values() if s.steps is not None):
+        return sampler_defaults(name, None, None)
+    return gr.update(), gr.update()
 
 
 def history_panel() -> tuple[gr.State, gr.Gallery]:
@@ -290,9 +286,11 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path, job
                            [form.loras, lora_row], queue=False)
         generated = [*results.outputs(), history, history_gallery]
         txt2img_button.click(ui.txt2img, form.inputs(), generated)
-        img2img_button.click(ui.img2img, form.inputs("init", "img2img_strength"), generated)
+        # uploads reach the handlers unprocessed (preprocess=False) and are read as the APIs read theirs: a file
+        # that is not an image is one sentence, not gradio's "Could not preprocess input component"
+        img2img_button.click(ui.img2img, form.inputs("init", "img2img_strength"), generated, preprocess=False)
         inpaint_button.click(ui.inpaint, form.inputs("editor", "inpaint_strength"), generated)
-        edit.button.click(ui.invert_edit, [*edit.inputs(), history], generated)
+        edit.button.click(ui.invert_edit, [*edit.inputs(), history], generated, preprocess=False)
         results.stop.click(ui.stop, None, results.note, queue=False)
         reuse.click(lambda s: s, results.seed, form.seed, queue=False)
         form.width.change(ui.size_note, [form.width, form.height], size_note, queue=False)
@@ -357,7 +355,7 @@ class Handlers:
                 *self._history(history)]
 
     def _request(self, v: dict[str, Any], image: PIL.Image.Image | None, mask: PIL.Image.Image | None,
-                 strength: float | None) -> ImageRequest:
+                 strength: float | None) -> GenerationRequest:
         """The form's values through the APIs' checks (`image_request`), after the UI's own: an empty prompt is
         refused unless the box under Settings says it is meant."""
         prompt = v["prompt"] if isinstance(v["prompt"], str) else ""
@@ -377,7 +375,7 @@ class Handlers:
         except ApiError as err:
             raise gr.Error(err.message) from None
 
-    def invert_edit(self, path: str | None, source: str, target: str, method: str, steps: float, guidance: float,
+    def invert_edit(self, path: dict | None, source: str, target: str, method: str, steps: float, guidance: float,
                     cross: float, history: list, request: gr.Request, progress: gr.Progress = gr.Progress()) -> list:
         if path is None:
             raise gr.Error("Upload the image to edit.")
@@ -433,19 +431,23 @@ class Handlers:
             return None
         try:
             return job.future.result()
-        except (ValueError, NotImplementedError) as err:
+        except (ValueError, NotImplementedError, QueueFull) as err:  # QueueFull: also the server shutting down
             raise gr.Error(str(err)) from None
 
     # Files
 
-    def _read_image(self, path: str) -> PIL.Image.Image:
-        """An upload, checked as the APIs check theirs (readable, not a decompression bomb)."""
+    def _read_image(self, upload: dict | str) -> PIL.Image.Image:
+        """An upload (gradio's unprocessed file data, already checked to lie in its upload folder), read as the
+        APIs read theirs: an image, within the pixel limit."""
+        path = upload.get("path") if isinstance(upload, dict) else upload
+        if not isinstance(path, str):
+            raise gr.Error("Upload the image again; its file did not arrive.")
         try:
             return decode_image_bytes(Path(path).read_bytes(), "The uploaded file", self.limits)
         except ApiError as err:
             raise gr.Error(err.message) from None
 
-    def _save(self, request: ImageRequest, images: list[PIL.Image.Image]) -> list[str]:
+    def _save(self, request: GenerationRequest, images: list[PIL.Image.Image]) -> list[str]:
         paths = []
         for image, seed in zip(images, request.seeds):
             path = self.outputs / f"ldm-{seed}-{time.time_ns()}.png"

@@ -28,7 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from ..engine import Engine, ImageRequest
+from ...request import GenerationRequest
+from ..engine import Engine
 from ..validation import ApiError, image_request, parse_size
 from .photos import stage_uploads
 from .service import GENERATE, Jobs
@@ -78,8 +79,8 @@ class GenerateJob(BaseModel):
     size: str | None = Field(None, description='"WIDTHxHEIGHT" or "auto" (the model\'s native size)')
     width: int | None = None
     height: int | None = None
-    steps: int = 25
-    guidance: float = 5.0
+    steps: int | None = Field(None, description="None: the sampler's (25; lcm: 4)")
+    guidance: float | None = Field(None, description="None: the sampler's (5; lcm: 1)")
     eta: float = 0.0
     sampler: str = "ddim"
     seed: int | None = Field(None, description="None or -1: random; image i uses seed + i")
@@ -272,7 +273,7 @@ def job_file(job_id: str, name: str, http: Request) -> FileResponse:
 # The routes' way to the model: A1111 and OpenAI requests as jobs
 
 
-async def run_job(request: Request, image_request: ImageRequest | None = None,
+async def run_job(request: Request, image_request: GenerationRequest | None = None,
                   task: Callable[[Engine], Any] | None = None) -> Any:
     """Queue the work and wait for it; if the client disconnects first its job is dropped (or its batch stops).
     Image requests run as jobs (`run_as_job`); a full queue raises `QueueFull`, a stopping server `ShuttingDown`
@@ -297,7 +298,7 @@ async def run_job(request: Request, image_request: ImageRequest | None = None,
         raise ApiError(422, str(err)) from None
 
 
-async def run_as_job(http: Request, request: ImageRequest, source: str) -> Any:
+async def run_as_job(http: Request, request: GenerationRequest, source: str) -> Any:
     """Run a blocking API's generation as a job: its ID goes into the X-Job-Id response header; the client may
     have chosen it (same header on the request) to watch and cancel the request while it waits."""
     jobs = jobs_of(http)

@@ -27,7 +27,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..engine import Engine, ImageRequest, LoadedLora
+from ...lora_tags import split_lora_spec
+from ...request import GenerationRequest
+from ..engine import Engine, LoadedLora
 from ..queue import JobQueue, QueueFull, ShuttingDown
 from ..settings import Limits
 from ..validation import ApiError, image_request
@@ -134,10 +136,10 @@ class Jobs:
         self._wake.set()
         return record
 
-    def submit_generation(self, request: ImageRequest, owner: str | None, source: str = "jobs",
+    def submit_generation(self, request: GenerationRequest, owner: str | None, source: str = "jobs",
                           job_id: str | None = None) -> tuple[JobRecord, Any]:
         """A generation in the model's queue, recorded as a job; raises QueueFull like the queue."""
-        params = request_params(request) | {"source": source}
+        params = request_params(request, self.engine) | {"source": source}
         if job_id is not None and self.store.get(job_id) is not None:
             raise ApiError(409, f"A job with id {job_id!r} exists already; send another id (or none).", "id")
         record = self.store.add(GENERATE, params, owner, total=request.steps, job_id=job_id)
@@ -196,7 +198,7 @@ class Jobs:
     # ------------------------------------------------------------------------------------------------------
     # Generations
 
-    def _enqueue(self, job_id: str, request: ImageRequest, source: str) -> Any:
+    def _enqueue(self, job_id: str, request: GenerationRequest, source: str) -> Any:
         queued = self.queue.submit(request=request)
         with self._lock:
             self._live[job_id] = queued
@@ -205,13 +207,13 @@ class Jobs:
             target=self._record_generation, args=(job_id, request, source, f), daemon=True).start())
         return queued
 
-    def _record_generation(self, job_id: str, request: ImageRequest, source: str, future: Future) -> None:
+    def _record_generation(self, job_id: str, request: GenerationRequest, source: str, future: Future) -> None:
         try:
             self._generation_done(job_id, request, source, future)
         except sqlite3.ProgrammingError:  # the server closed the store meanwhile: the row is taken up at start
             pass
 
-    def _generation_done(self, job_id: str, request: ImageRequest, source: str, future: Future) -> None:
+    def _generation_done(self, job_id: str, request: GenerationRequest, source: str, future: Future) -> None:
         with self._lock:
             self._live.pop(job_id, None)
             dropped = isinstance(future.exception(), ShuttingDown) if not future.cancelled() else self._stopping.is_set()
@@ -342,9 +344,11 @@ class Jobs:
             raise Stopped()
 
 
-def request_params(request: ImageRequest) -> dict[str, Any]:
+def request_params(request: GenerationRequest, engine: Engine) -> dict[str, Any]:
     """What re-creates a (text-to-image) request after a restart: the fields `image_request` takes from a client
-    (LoRAs as name → scale, those on), as the checks resolved them (a random seed is stored as drawn)."""
+    (LoRAs by name → scale), as the checks resolved them (a random seed is stored as drawn)."""
     taken = set(inspect.signature(image_request).parameters) - {"engine", "limits", "image", "mask", "loras"}
     values = {f.name: getattr(request, f.name) for f in fields(request) if f.name in taken}
-    return values | {"loras": {name: scale for name, scale in request.loras if scale}}
+    names = {lora.path: name for name, lora in engine.loras.items()}
+    loras = dict(split_lora_spec(spec) for spec in request.loras)
+    return values | {"loras": {names.get(path, path): scale for path, scale in loras.items()}}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...atomic import atomic_folder
+from ...finetune import finetune_lora
 from ...lora import KOHYA_FILE, LORA_FILE
 
 MAX_STEPS = 100_000
@@ -80,8 +81,6 @@ class FinetuneOptions:
 def run_finetune(options: FinetuneOptions, photos: Path, run: Path, model: str,
                  on_step: Callable[[int, float], None], note: Callable[[str], None]) -> None:
     """Train (or resume) the job's LoRA in `run`; the trainer's exceptions, and `on_step`'s, propagate."""
-    from ...finetune import finetune_lora
-
     checkpoint_every, sample_every = options.every
     finetune_lora(photos, run, model=model, prompt=options.prompt, rank=options.rank, alpha=options.alpha,
                   steps=options.steps, learning_rate=options.lr, batch_size=options.batch_size,
