@@ -40,7 +40,7 @@ from ldm_app.testing import add_random_lora  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 KEY = "browser-test-key"
-TABS = ["Text to image", "Image to image", "Inpaint", "Invert & edit", "PNG info"]
+TABS = ["Text to image", "Image to image", "Inpaint", "Invert & edit", "PNG info", "Train LoRA"]
 
 
 @pytest.fixture
