@@ -21,7 +21,6 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 import pytest
-import torch
 
 pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -34,13 +33,14 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from ldm_app import LdmPipeline  # noqa: E402
-from ldm_app.lora import UNET_TARGETS, add_lora, lora_state_dict  # noqa: E402
+from ldm_app.lora import lora_state_dict  # noqa: E402
 from ldm_app.lora_saving import save_atomic  # noqa: E402
 from ldm_app.serve.process import start_server, stop_server  # noqa: E402
+from ldm_app.testing import add_random_lora  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 KEY = "browser-test-key"
-TABS = ["Text to image", "Image to image", "Inpaint", "Invert & edit", "PNG info"]
+TABS = ["Text to image", "Image to image", "Inpaint", "Invert & edit", "PNG info", "Train LoRA"]
 
 
 @pytest.fixture
@@ -65,12 +65,7 @@ def browser():
 
 @pytest.fixture
 def server(tmp_path):
-    styled = LdmPipeline.from_default()  # a LoRA for the default model, with weights that change the picture
-    add_lora(styled.unet, rank=4, alpha=None, targets=UNET_TARGETS)
-    g = torch.Generator().manual_seed(1)
-    for name, p in styled.unet.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.2
+    styled = add_random_lora(LdmPipeline.from_default())  # a LoRA for the default model that changes the picture
     (tmp_path / "loras").mkdir()
     save_atomic(lora_state_dict(styled.unet), tmp_path / "loras" / "style.safetensors")
     proc, url = start_server(["--device", "cpu", "--api-key", KEY,
