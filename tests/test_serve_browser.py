@@ -201,8 +201,7 @@ def test_every_tab_in_a_phone_browser(browser, server, tmp_path):
     wait.until(lambda d: "draws 64x64" in d.find_element(By.CSS_SELECTOR, "#size-note").text)
 
     # 6. Stop: 16 images of 150 steps (2,400 image-steps: no machine finishes them before the click) stop at the next
-    # step; the server's queue
-    # is idle again
+    # step; the server's queue is idle again
     set_number(wait, "#count input[type=number]", 16)
     set_number(wait, "#steps input[type=number]", 150)
     click(wait, "button#generate")
