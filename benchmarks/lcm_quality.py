@@ -103,7 +103,7 @@ def main() -> None:
                 tmp.write_text(json.dumps(results, indent=2))
 
     base = results["rows"]["teacher ddim 25"]
-    print(f"\n| model | sampler | steps | CFG | R-precision (× DDIM 25) | FD | s/image | images/s × DDIM 25 |")
+    print("\n| model | sampler | steps | CFG | R-precision (× DDIM 25) | FD | s/image | images/s × DDIM 25 |")
     print("|---|---|---|---|---|---|---|---|")
     for row in results["rows"].values():
         print(f"| {row['model']} | {row['sampler']} | {row['steps']} | {row['guidance']:g} | {row['r_precision']:.3f} "

@@ -23,13 +23,14 @@ def lcm_config(model: str, data: str, output: str | Path, *, lora: bool = False,
     device = pick_device("auto")
     base = load_pipeline(model, device, pick_dtype("auto", device))
     model_path = str(DEFAULT_MODEL_DIR) if model == DEFAULT_MODEL else model
+    resolution, scheduler_config = base.default_size, base.scheduler.config
     del base  # the trainer loads its own copy
     config = Config(
-        data=DataConfig(path=str(data), resolution=base.default_size),
+        data=DataConfig(path=str(data), resolution=resolution),
         model=ModelConfig(vae=model_path, vae_subfolder="vae", text_encoder=model_path,
                           text_encoder_subfolder="text_encoder", tokenizer=model_path, tokenizer_subfolder="tokenizer",
                           pretrained_unet=model_path, pretrained_unet_subfolder="unet"),
-        objective=objective_of(base.scheduler.config, caption_dropout=0.0),
+        objective=objective_of(scheduler_config, caption_dropout=0.0),
         train=TrainConfig(output_dir=str(output), seed=seed, batch_size=batch_size, max_steps=steps,
                           mixed_precision=mixed_precision,
                           learning_rate=learning_rate or (1e-4 if lora else 5e-5), lr_scheduler="constant",

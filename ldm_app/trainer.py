@@ -49,12 +49,15 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard
 # The loop
 
 
-def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True) -> Path:
+def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> Path:
     """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder, or with
     LoRA (`lora.rank > 0`) the adapters' file, `pytorch_lora_weights.safetensors`.
 
     `setup_unet` may freeze parameters or add hooks before the optimizer is built; only parameters that still
     require grad are optimised. `progress=False` (a command's --quiet) hides the progress bars and notes.
+    `on_step(step, loss)` runs after each step's checkpoint and validation: a server reports progress there, and
+    an exception it raises stops the run at that step boundary (re-running resumes).
     """
     validate_config(config)  # also for a Config built in code rather than by load_config
     out = Path(config.train.output_dir).expanduser()
@@ -169,6 +172,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
             if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
                 pipe = make_pipeline(accelerator, trained, ema, encoders, config)
                 validation_grid(pipe, config, out / "samples" / f"step-{step:07d}.png")
+            if on_step is not None:
+                on_step(step, loss.item())
             if out_of_time:
                 accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
                 break
