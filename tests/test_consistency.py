@@ -242,3 +242,16 @@ def test_from_default_lcm_says_when_no_student_ships():
     else:
         with pytest.raises(ValueError, match="ships no distilled LCM UNet"):
             LdmPipeline.from_default(lcm=True)
+
+
+def test_distill_command_writes_an_lcm_lora_and_refuses_missing_data_in_one_line(inputs, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "ldm_app", "distill", "--model", str(inputs / "model"), "-o", str(tmp_path / "out")]
+    r = subprocess.run([*run, "--data", str(inputs / "data"), "--lora", "--rank", "4", "--steps", "2",
+                        "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    written = Path(r.stdout.strip().splitlines()[-1])
+    assert written.name == "pytorch_lora_weights.safetensors" and written.is_file()
+    r = subprocess.run([*run, "--data", str(tmp_path / "nowhere")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
