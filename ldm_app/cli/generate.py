@@ -188,6 +188,9 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         pipe.set_progress_bar_config(disable=quiet, leave=False)
         if sampler == "lcm" and use_lcm_student(pipe):
             note("note: using the model's distilled LCM UNet (unet_lcm/)")
+        elif sampler == "lcm" and not loras:
+            note("warning: --sampler lcm needs a consistency-distilled model (ldm-app distill) or an LCM-LoRA "
+                 "(--lora); this model has neither, so expect poor images")
         request = dataclasses.replace(request.resolved(pipe), dtype=dtype_name(weights_dtype))  # as resolved
         w, h = request.width, request.height
         if request.drawn_at is not None:
