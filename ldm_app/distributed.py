@@ -33,10 +33,12 @@ def check_distributed(accelerator: Accelerator, required: str | None) -> str:
     config (`required`, e.g. train.distributed_type=FSDP) or by `accelerate launch` (ACCELERATE_USE_FSDP=true)."""
     running = distributed_type(accelerator)
     known = [kind.value for kind in DistributedType]
-    if required is not None and str(required).upper() not in known:
-        raise ValueError(f"train.distributed_type={required!r} is not one of accelerate's: {', '.join(known)} "
-                         "(or null: whatever `accelerate launch` sets up).")
-    asked = [(f"train.distributed_type={required}", str(required).upper())] if required else []
+    if required is not None:
+        required = "NO" if required == "False" else required.upper()  # YAML reads an unquoted NO as false
+        if required not in known:
+            raise ValueError(f"train.distributed_type={required!r} is not one of accelerate's: {', '.join(known)} "
+                             "(or null: whatever `accelerate launch` sets up).")
+    asked = [(f"train.distributed_type={required}", required)] if required else []
     asked += [(f"{var}=true (from `accelerate launch`)", kind) for kind, var in REQUESTS.items()
               if parse_flag_from_env(var)]
     for source, kind in asked:

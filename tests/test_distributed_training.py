@@ -34,7 +34,7 @@ def overrides(inputs: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_the_run_folder_records_the_distributed_type_that_ran(inputs, tmp_path, capsys):
-    train(load_config(TINY, overrides(inputs, tmp_path)))
+    train(load_config(TINY, overrides(inputs, tmp_path, "train.distributed_type=NO")))  # (YAML's NO is false)
     assert load_config(tmp_path / "config.yaml").train.distributed_type == "NO"
     assert "Training with NO on 1 process, cpu" in capsys.readouterr().out
 
@@ -43,8 +43,8 @@ def test_the_run_folder_records_the_distributed_type_that_ran(inputs, tmp_path, 
     ({"ACCELERATE_USE_FSDP": "true"}, [], "ACCELERATE_USE_FSDP=true .* asks for FSDP, but accelerate runs NO"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "asks for DEEPSPEED, but accelerate runs NO"
      if importlib.util.find_spec("deepspeed") else "DeepSpeed is not installed => run `pip install deepspeed`"),
-    ({}, ["train.distributed_type=fsdp"], "train.distributed_type=fsdp asks for FSDP, but accelerate runs NO"),
-    ({}, ["train.distributed_type=ddp"], "'ddp' is not one of accelerate's: NO, MULTI_CPU, MULTI_GPU"),
+    ({}, ["train.distributed_type=fsdp"], "train.distributed_type=FSDP asks for FSDP, but accelerate runs NO"),
+    ({}, ["train.distributed_type=ddp"], "'DDP' is not one of accelerate's: NO, MULTI_CPU, MULTI_GPU"),
 ])
 def test_a_sharded_run_that_accelerate_did_not_set_up_is_refused_before_the_folder_is_touched(
         inputs, tmp_path, monkeypatch, env, override, message):
