@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, parse_flag_from_env
+from accelerate.utils.environment import get_int_from_env
 
 # what `accelerate launch` sets in the environment when its config or flags ask for a sharded run
 REQUESTS = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
@@ -57,3 +58,13 @@ def _why(kind: str, accelerator: Accelerator) -> str:
     if kind in REQUESTS and accelerator.num_processes == 1:
         return f"{kind} needs a distributed launch: `accelerate launch --config_file configs/accelerate/….yaml`."
     return f"launch it the way {kind} needs, or set train.distributed_type=null to accept what accelerate runs."
+
+
+def check_launched(num_processes: int, command: str) -> None:
+    """Refuse processes that were launched together but did not join one distributed run: each would act alone
+    (and as the main process). `num_processes` is what accelerate set up; `command` is named in the fix."""
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if launched != num_processes:
+        raise ValueError(f"{launched} processes were launched but accelerate set up {num_processes}, so each would "
+                         f"work alone. Without CUDA, start them with `ACCELERATE_USE_CPU=true torchrun --standalone "
+                         f"--nproc_per_node {launched} $(which ldm-app) …` ({command}); with GPUs, make CUDA visible.")

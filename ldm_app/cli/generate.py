@@ -16,6 +16,7 @@ import click
 
 from ..loading import DEFAULT_MODEL
 from ..samplers import SAMPLERS
+from .batch import BATCH_EXAMPLES, batch_options, run_batch
 from .common import (UserError, device_option, dtype_option, finite, model_option, notes,
                      quiet_option, utf8_text, variant_option)
 
@@ -34,7 +35,7 @@ Examples:
   ldm-app generate "a rocket" --sampler dpm++ --steps 15 --seed 42 -o rocket.png
   ldm-app generate --from rocket.png -o again.png
   ldm-app generate "a cat" --model ./my-run/pipeline --device cuda --dtype fp16
-"""
+""" + BATCH_EXAMPLES
 
 
 
@@ -126,13 +127,17 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
               help="LoRA file or folder, optionally with a scale (repeatable).")
 @click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
               help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
+@batch_options
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
-             loras: tuple[str, ...], lora_dir: str | None, quiet: bool) -> None:
-    """Generate images for PROMPT and print the paths written."""
+             loras: tuple[str, ...], lora_dir: str | None, prompts_source: str | None, prompt_column: str, split: str,
+             engine: str, push_to_hub: str | None, quiet: bool) -> None:
+    """Generate images for PROMPT and print the paths written (or, with --prompts, a data set)."""
+    if prompts_source is not None:
+        return run_batch(locals(), prompts_source, prompt_column, split, engine, push_to_hub)
     import torch
 
     from ..images import file_sha256
