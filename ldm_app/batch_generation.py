@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,6 +184,8 @@ class OutputFolder:
                 changed = [key for key in job if held.get(key) != job[key]]
                 raise ValueError(f"{self.folder} holds another batch job ({', '.join(changed)} differ); re-run its own "
                                  "command to resume it, or pass another --output.")
+            for tmp in [*self.folder.glob(".*.tmp*"), *self.records.glob(".*.tmp*")]:  # left by a kill mid-write
+                tmp.unlink(missing_ok=True)
             return
         if self.folder.exists() and any(p.name != RECORDS for p in self.folder.iterdir()):
             raise ValueError(f"{self.folder} is not empty and holds no batch job; pass a new or empty --output.")
@@ -291,9 +292,14 @@ def draw(pipe: LdmPipeline, items: list[Item], batch_size: int) -> list[PIL.Imag
 # The job
 
 
-def chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def pending_batches(items: list[Item], out: OutputFolder, size: int) -> list[list[Item]]:
+    """The job's fixed batches (items 0…size−1, size…2·size−1, …) that still hold an unfinished item.
+
+    Batches are cut from the whole job, never from what is left, and a batch is redone whole: the pixels of an image
+    can change in the last bit with the other images in its batch, so fixed batches give the same files on any
+    number of processes and after any interruption."""
+    fixed = [items[start:start + size] for start in range(0, len(items), size)]
+    return [batch for batch in fixed if not all(out.done(item) for item in batch)]
 
 
 def run_local(items: list[Item], output: str | os.PathLike, settings: Settings, progress: bool = True) -> Path | None:
@@ -312,17 +318,17 @@ def run_local(items: list[Item], output: str | os.PathLike, settings: Settings, 
         out.claim(items, settings)
     state.wait_for_everyone()
     out.claim(items, settings)  # every process checks (and fails) alike
-    pending = [item for item in items if not out.done(item)]
+    pending = pending_batches(items, out, settings.batch_size)
     state.wait_for_everyone()  # every process has its list before any item is written
     mine = pending[state.process_index::state.num_processes]
     if mine:
         painter = Painter(settings, str(state.device) if state.num_processes > 1 else None)
-        with tqdm(total=len(mine), unit="img", desc="Generating",
+        with tqdm(total=sum(map(len, mine)), unit="img", desc="Generating",
                   disable=not (progress and state.is_local_main_process)) as bar:
-            for chunk in chunks(mine, settings.batch_size):
-                for item, (png, record) in zip(chunk, painter(chunk)):
+            for batch in mine:
+                for item, (png, record) in zip(batch, painter(batch)):
                     out.write(item, png, record)
-                bar.update(len(chunk))
+                bar.update(len(batch))
     state.wait_for_everyone()
     return out.assemble(items) if state.is_main_process else None
 
