@@ -111,9 +111,14 @@ def _csv_values(row: dict[str, str]) -> dict[str, Any]:
 def _dataset_rows(source: str, column: str, split: str) -> list[dict[str, Any]]:
     import datasets
 
+    saved = Path(source).expanduser()
     try:
-        ds = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():  # written by save_to_disk
+            ds = datasets.load_from_disk(str(saved))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         raise ValueError(f"--prompts {source}: not a .txt/.jsonl/.csv file, and no data set loads from it "
                          f"({' '.join(str(err).split())[:200]}).") from None
     if column not in ds.column_names:
