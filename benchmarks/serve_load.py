@@ -89,7 +89,7 @@ def main() -> None:
     pipe = load_library(ARGS)
     before = library_throughput(pipe, ARGS)
     proc, url = start_server(["--device", "cpu", "--no-ui", "--max-batch", str(ARGS.max_batch),
-                              "--max-queue", "64"])
+                              "--max-queue", "64", "--threads", str(ARGS.threads)])
     try:
         serve_load(url, 1, min(5.0, ARGS.seconds))  # warm-up: first calls allocate
         rows = [(n, serve_load(url, n, ARGS.seconds)) for n in ARGS.clients]

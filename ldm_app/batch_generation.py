@@ -61,6 +61,7 @@ class Settings:
     dtype: str = "auto"
     loras: tuple[str, ...] = ()
     batch_size: int = 8
+    threads: int | None = None  # CPU threads per process (None: torch's default; Ray gives each actor its CPU)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,7 +235,9 @@ class Painter:
 
     def __init__(self, settings: Settings, device: str | None = None) -> None:
         from .loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
+        from .threads import use_threads
 
+        use_threads(settings.threads)
         dev = pick_device(device or settings.device)
         weights_dtype = pick_dtype(settings.dtype, dev)
         self.pipe = load_pipeline(settings.model, dev, weights_dtype, settings.variant)

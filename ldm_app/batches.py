@@ -229,7 +229,7 @@ class BatchSource(Protocol):
 
 
 def make_batches(config: Config, encoders: Encoders, accelerator: Accelerator, cache_folder: Path,
-                 encode_text: bool = True) -> BatchSource:
+                 encode_text: bool = True, progress: bool = True) -> BatchSource:
     """The run's batch source: the encoded cache (built by the main process, read by the others), or decoding
     and encoding every step, or a stream. `encode_text=False` when the text encoder trains in-graph."""
     ds = load_image_dataset(config.data)
@@ -238,11 +238,12 @@ def make_batches(config: Config, encoders: Encoders, accelerator: Accelerator, c
         key = cache_key(ds, config.data, encoders)
         if accelerator.is_main_process:  # one process encodes; the others read what it wrote
             encoded = load_or_build_cache(cache_folder, key,
-                                          lambda: build_encoded_dataset(ds, config.data, encoders))
+                                          lambda: build_encoded_dataset(ds, config.data, encoders, progress=progress))
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             encoded = load_or_build_cache(cache_folder, key, lambda: None)
-        accelerator.print(f"{len(encoded)} training images cached ({encoded.skipped} failed to decode, skipped)")
+        if progress:
+            accelerator.print(f"{len(encoded)} training images cached ({encoded.skipped} failed to decode, skipped)")
         return CachedBatches(encoded, t.seed, config.data)
     if config.data.streaming:
         return StreamingBatches(ds, config.data, t.seed, accelerator.process_index, accelerator.num_processes,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import PIL.Image
 import torch
 
 from .atomic import atomic_folder, atomic_write
@@ -106,7 +107,7 @@ def write_class_images(pipe: LdmPipeline, data_dir: Path, class_prompts: list[st
 
 
 def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds=(0, 1, 2, 3)) -> None:
-    """Row 1: the base model; row 2: with the new LoRA; same prompt and seeds."""
+    """Row 1: the base model; row 2: with the new LoRA; same prompt and seeds; each row labelled on its left."""
     from diffusers.utils import make_image_grid
 
     device = pick_device("auto")
@@ -117,7 +118,24 @@ def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds
     pipe.load_lora_weights(lora_dir / LORA_FILE)
     after = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
     with atomic_write(path) as tmp:
-        make_image_grid(before + after, rows=2, cols=len(seeds)).save(tmp)
+        label_rows(make_image_grid(before + after, rows=2, cols=len(seeds)), ["before", "after"]).save(tmp)
+
+
+def label_rows(grid: PIL.Image.Image, labels: list[str]) -> PIL.Image.Image:
+    """`grid` (rows of equal height) with a white strip on its left naming each row."""
+    import PIL.ImageDraw
+    import PIL.ImageFont
+
+    font = PIL.ImageFont.load_default()  # no font file needed (a bitmap font before Pillow 10.1)
+    boxes = [font.getbbox(label) for label in labels]  # (left, top, right, bottom)
+    margin, row = 4, grid.height // len(labels)
+    strip = max(box[2] for box in boxes) + 2 * margin
+    out = PIL.Image.new("RGB", (strip + grid.width, grid.height), "white")
+    out.paste(grid, (strip, 0))
+    draw = PIL.ImageDraw.Draw(out)
+    for i, (label, box) in enumerate(zip(labels, boxes)):
+        draw.text((margin, i * row + (row - box[3] - box[1]) // 2), label, fill="black", font=font)
+    return out
 
 
 def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAULT_MODEL, prompt: str | None = None,
@@ -125,12 +143,13 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
                   batch_size: int = 8, resolution: int | None = None, train_text_encoder: bool = False,
                   class_prompts: list[str] | tuple[str, ...] = (), num_class_images: int = 16, kohya: bool = False,
                   mixed_precision: str = "no", seed: int = 0, resume: bool = False, push_to_hub: str | None = None,
-                  private: bool = False, note: Note = lambda msg: None) -> FinetuneResult:
+                  private: bool = False, note: Note = lambda msg: None, progress: bool = True) -> FinetuneResult:
     """Fine-tune LoRA adapters on the photos in `photos_dir` into the run folder `output`.
 
     Captions come from same-named .txt files, metadata.jsonl, or `prompt`. `class_prompts` turn on DreamBooth
     prior preservation with `num_class_images` images of the base model. `resume` continues a run in `output`.
     The folder gets a model card; `push_to_hub` (owner/name) uploads the LoRA files, card and grid.
+    `progress=False` (--quiet) hides the progress bars.
     """
     require_extra("train")
     from .trainer import TrainingError, train
@@ -185,7 +204,7 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
 
     # 3. Train LoRA adapters with the shared trainer
     try:
-        lora_file = train(config)
+        lora_file = train(config, progress=progress)
     except TrainingError as err:
         raise ValueError(str(err)) from None
 

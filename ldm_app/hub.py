@@ -44,11 +44,14 @@ def _hub_id(name: str | None) -> str | None:
     return None if not name or looks_local(name) else name
 
 
-def _usage(kind: Literal["pipeline", "lora"], where: str, portable: bool) -> str:
-    """The card's "How to use" section: ldm-app's CLI, and plain diffusers where the folder allows it."""
+def _usage(kind: Literal["pipeline", "lora"], where: str, portable: bool, base_model: str | None = None) -> str:
+    """The card's "How to use" section: ldm-app's CLI, and plain diffusers where the folder allows it. A LoRA's
+    snippet loads its real base model (`--model` left out for the default one)."""
     if kind == "lora":
-        return ("```bash\nldm-app generate --model BASE_MODEL --lora " + where + ' "a prompt"\n```\n\n'
-                "```python\npipe.load_lora_weights(\"" + where + "\")  # on a pipeline of the base model\n```\n")
+        model = "" if base_model in (None, "default") else f"--model {base_model} "
+        base = "ldm-app's default model" if base_model in (None, "default") else base_model
+        return (f"```bash\nldm-app generate {model}--lora {where} \"a prompt\"\n```\n\n"
+                f"```python\npipe.load_lora_weights(\"{where}\")  # on a pipeline of {base}\n```\n")
     text = "```bash\nldm-app generate --model " + where + ' "a prompt"\n```\n'
     if portable:  # make_portable wrote the code in: no ldm_app needed
         text += ("\nWithout ldm-app (needs torch, diffusers, transformers, peft):\n\n```python\n"
@@ -99,7 +102,7 @@ def write_model_card(
     origin = {None: "trained from scratch", "default": "fine-tuned from ldm-app's embedded default model"}.get(
         base_model, f"base model: {base_model}")
     sections = [f"# {(repo_id or folder.name).split('/')[-1]}\n", f"A {what} made with ldm-app ({origin}).\n",
-                "## How to use\n", _usage(kind, repo_id or str(folder), portable)]
+                "## How to use\n", _usage(kind, repo_id or str(folder), portable, base_model)]
     if sample:
         sections += ["## Samples\n", f"![samples]({sample})\n"]
     if prompts:

@@ -35,6 +35,7 @@ JSON_KEY = "ldm-app"
 A1111_KEY = "parameters"
 DTYPE_NAMES = ("auto", *DTYPES)  # the CLI's --dtype choices
 MAX_SEED = 2**63 - 1  # the CLI's --seed range
+MAX_INFOTEXT_CHARS = 65536  # parameters text read from a PNG: an A1111 infotext is a few hundred characters
 A1111_SAMPLER_FALLBACK = "ddim"  # used when an A1111 PNG names a sampler we do not have (reported as ignored)
 
 
@@ -59,6 +60,7 @@ class GenerationParams:
     mask_sha256: str | None = None
     paste_back: bool = True  # inpainting: the input's pixels pasted back outside the mask
     mask_feather: int | None = None  # inpainting: the paste-back's feather in pixels (None: the VAE factor)
+    drawn_at: str | None = None  # "WxH" when the model drew smaller and resized up to width × height (sizes.py)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ def a1111_text(p: GenerationParams) -> str:
         "CFG scale": p.guidance,
         "Seed": p.seed,
         "Size": f"{p.width}x{p.height}",
+        "Drawn at": p.drawn_at,
         "Model": p.model,
         "Denoising strength": p.strength,
         # A1111 reads DDIM's η as `Eta DDIM`; DDPM is written as DDIM at η = 1 (see samplers.py)
@@ -129,6 +132,9 @@ def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
     try:
         with PIL.Image.open(path) as image:
             info = dict(image.info)
+    except PIL.Image.DecompressionBombError:
+        raise ValueError(f"{path} declares more pixels than PIL's safety limit (a decompression bomb); pass a PNG "
+                         "written by ldm-app generate or A1111.") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot read {path} as an image ({err}); pass a PNG written by ldm-app generate.") from None
     if JSON_KEY in info:
@@ -142,8 +148,8 @@ def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
 def params_from_json(raw: str, source: str) -> GenerationParams:
     """ldm-app's JSON chunk → checked GenerationParams."""
     try:
-        stored = json.loads(raw)
-    except json.JSONDecodeError:
+        stored = json.loads(raw) if len(raw) <= MAX_INFOTEXT_CHARS else None
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         stored = None
     fields = dataclasses.fields(GenerationParams)
     required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -162,9 +168,12 @@ def checked(p: GenerationParams, source: str) -> GenerationParams:
     def integer(x: Any, low: int, high: int | None = None) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and low <= x and (high is None or x <= high)
 
+    def text(x: Any) -> bool:  # lone surrogates (JSON's "\ud800") are not text a tokenizer or PNG can take
+        return isinstance(x, str) and x.encode("utf-8", "ignore").decode("utf-8") == x
+
     rules = [
-        ("prompt", isinstance(p.prompt, str), "a string"),
-        ("negative_prompt", isinstance(p.negative_prompt, str), "a string"),
+        ("prompt", text(p.prompt), "UTF-8 text"),
+        ("negative_prompt", text(p.negative_prompt), "UTF-8 text"),
         ("steps", integer(p.steps, 1), "a whole number ≥ 1"),
         ("guidance", number(p.guidance) and p.guidance >= 0, "a number ≥ 0"),
         ("eta", number(p.eta) and 0 <= p.eta <= 1, "a number from 0 to 1"),
@@ -182,6 +191,8 @@ def checked(p: GenerationParams, source: str) -> GenerationParams:
         ("mask_sha256", p.mask_sha256 is None or isinstance(p.mask_sha256, str), "a hex digest"),
         ("paste_back", isinstance(p.paste_back, bool), "true or false"),
         ("mask_feather", p.mask_feather is None or integer(p.mask_feather, 0), "a whole number ≥ 0"),
+        ("drawn_at", p.drawn_at is None or (isinstance(p.drawn_at, str) and A1111_SIZE.match(p.drawn_at) is not None),
+         "WIDTHxHEIGHT"),
     ]
     for name, ok, expected in rules:
         if not ok:
@@ -193,24 +204,52 @@ def checked(p: GenerationParams, source: str) -> GenerationParams:
 
 
 # A1111's `Key: value` grammar (modules/infotext_utils.py, `re_param`): a key of word characters, spaces, dashes
-# and slashes, then either a JSON-quoted string or anything up to the next comma
-A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# and slashes, then either a JSON-quoted string or anything up to the next comma. `re_param` itself takes time
+# quadratic in a line without a colon (a 32k line: seconds, under the GIL); `infotext_fields` finds the same
+# fields in one pass, and texts over MAX_INFOTEXT_CHARS are refused before any parsing.
+A1111_KEY_RUN = re.compile(r"[\w \-/]+")
+A1111_WORD = re.compile(r"\w")
+A1111_VALUE = re.compile(r'\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
-A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM")
+A1111_USED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Eta DDIM",
+              "Drawn at")  # Drawn at: what sizes.py made of Size, made again from it
+
+
+def infotext_fields(line: str) -> list[tuple[str, str]]:
+    """`re_param.findall(line)` in linear time: the (key, raw value) pairs A1111 reads from a parameter line.
+
+    `re_param` can only start a key at a word character whose run of key characters (word, space, `-`, `/`) is
+    at least two long and ends at a colon; so each run is looked at once, and each value is consumed once."""
+    fields, pos = [], 0
+    while (run := A1111_KEY_RUN.search(line, pos)) is not None:
+        end = run.end()
+        key_start = A1111_WORD.search(line, run.start(), end - 1) if line.startswith(":", end) else None
+        if key_start is None:  # no colon after this run, or no key of two characters in it
+            pos = end
+            continue
+        value = A1111_VALUE.match(line, end + 1)  # always matches: [^,]* runs to the next comma or the end
+        fields.append((line[key_start.start():end], value.group(1)))
+        pos = max(value.end(), end + 1)
+    return fields
 
 
 def split_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """A1111's infotext → (prompt, negative prompt, the last line's `Key: value` fields, unquoted). A text without
-    a parameter line (fewer than 3 fields) is all prompt, with no fields."""
+    a parameter line (fewer than 3 fields) is all prompt, with no fields. Raises ValueError for a text over
+    MAX_INFOTEXT_CHARS (a damaged or hostile file)."""
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise ValueError(f"the A1111 parameters text has {len(text)} characters, more than the {MAX_INFOTEXT_CHARS} "
+                         "ldm-app reads; the file is damaged or was not written by A1111 or ldm-app.")
     *lines, last = text.strip().split("\n")
-    if len(A1111_FIELD.findall(last)) < 3:
-        lines, last = lines + [last], ""
+    found = infotext_fields(last)
+    if len(found) < 3:
+        lines, last, found = lines + [last], "", []
     prompt, negative, in_negative = [], [], False
     for line in (line.strip() for line in lines):
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line.removeprefix("Negative prompt:").strip()
         (negative if in_negative else prompt).append(line)
-    fields = {key.strip(): unquote(value.strip()) for key, value in A1111_FIELD.findall(last)}
+    fields = {key.strip(): unquote(value.strip()) for key, value in found}
     return "\n".join(prompt), "\n".join(negative), fields
 
 

@@ -85,9 +85,16 @@ def from_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
 
     path = check_single_file(path)
     dtype_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    sd = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config or SD_V1_CONFIG), local_files_only=True, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, **dtype_kwargs)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        sd = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config or SD_V1_CONFIG), local_files_only=True, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, **dtype_kwargs)
+    except (SingleFileComponentError, KeyError, RuntimeError) as err:  # keys missing or of the wrong shape
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is incomplete or damaged ({reason}); a single-file checkpoint must hold the whole "
+                         "SD-1.x model, as A1111's model files do: download it again.") from None
     pipe = LdmPipeline(**{name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet",
                                                                  "scheduler")})
     return pipe if torch_dtype is not None else cast_quietly(pipe, torch.float32)  # files are often fp16: slow on CPUs

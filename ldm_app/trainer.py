@@ -44,12 +44,12 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard
 # The loop
 
 
-def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> Path:
+def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True) -> Path:
     """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder, or with
     LoRA (`lora.rank > 0`) the adapters' file, `pytorch_lora_weights.safetensors`.
 
     `setup_unet` may freeze parameters or add hooks before the optimizer is built; only parameters that still
-    require grad are optimised.
+    require grad are optimised. `progress=False` (a command's --quiet) hides the progress bars and notes.
     """
     validate_config(config)  # also for a Config built in code rather than by load_config
     out = Path(config.train.output_dir).expanduser()
@@ -93,7 +93,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         require_free_space(out, [unet], [] if config.lora.rank else [unet, encoders.vae, encoders.text_encoder])
 
         # 3. The batch source: the encoded cache, encoding every step, or a stream
-        batches = make_batches(config, encoders, accelerator, out / "cache", encode_text=not train_text)
+        batches = make_batches(config, encoders, accelerator, out / "cache", encode_text=not train_text,
+                               progress=progress)
         if train_text:  # added after the cache was keyed on the frozen text encoder's weights
             add_lora(encoders.text_encoder, config.lora.rank, config.lora.alpha, TEXT_ENCODER_TARGETS)
         trained = [unet, encoders.text_encoder] if train_text else [unet]
@@ -125,7 +126,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None) -> P
         # 6. Training loop
         start_time, done_at_start = time.time(), step
         samples_per_step = t.batch_size * world * t.gradient_accumulation_steps
-        bar = tqdm(total=t.max_steps, initial=step, desc="Training", disable=not accelerator.is_local_main_process)
+        bar = tqdm(total=t.max_steps, initial=step, desc="Training", disable=not (progress and accelerator.is_local_main_process))
         unet.train()
         while step < t.max_steps:
             for k in range(t.gradient_accumulation_steps):

@@ -181,16 +181,16 @@ def test_queue_full_is_a_503_with_retry_after():
 
 
 def test_api_key_guards_every_request_but_healthz():
-    with make_client(api_key="s3cret-key-123") as c:
+    with make_client(api_key="s3cret-key-123456") as c:
         assert c.get("/healthz").status_code == 200
         r = c.post("/sdapi/v1/txt2img", json=SMALL)
         assert r.status_code == 401 and "Bearer" in r.json()["detail"]
         assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer s3cret-key-123"}).status_code == 200
-        assert c.get("/sdapi/v1/samplers", auth=("any", "s3cret-key-123")).status_code == 200  # A1111's --api-auth
+        assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer s3cret-key-123456"}).status_code == 200
+        assert c.get("/sdapi/v1/samplers", auth=("any", "s3cret-key-123456")).status_code == 200  # A1111's --api-auth
         assert c.get("/", headers={"accept": "text/html"}, follow_redirects=False).headers["location"] == "/login"
         assert c.post("/login", data={"key": "nope"}).status_code == 401
-        c.post("/login", data={"key": "s3cret-key-123"}, follow_redirects=False)  # sets the session cookie
+        c.post("/login", data={"key": "s3cret-key-123456"}, follow_redirects=False)  # sets the session cookie
         assert c.get("/sdapi/v1/samplers").status_code == 200
 
 
@@ -199,9 +199,9 @@ def test_a_public_host_needs_a_key_or_insecure():
     check_bind("::1", None, False)
     with pytest.raises(ValueError, match="--api-key"):
         check_bind("0.0.0.0", None, False)
-    check_bind("0.0.0.0", "a-long-key", False)
+    check_bind("0.0.0.0", "a-long-key-of-16-chars", False)
     check_bind("0.0.0.0", None, True)
-    with pytest.raises(ValueError, match="shorter than 8"):
+    with pytest.raises(ValueError, match="shorter than 16"):
         Settings(api_key="short")
 
 

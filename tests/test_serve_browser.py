@@ -1,7 +1,11 @@
-"""The web UI in a real browser: Debian's chromium, headless, driven by selenium through chromedriver, against
-a real server (a child process on a free loopback port, stopped by its PID). Types a prompt, clicks Generate,
-waits for the picture, checks it is not blank, reuses its seed and keeps a screenshot; the server has an API key,
-so the page first asks for it.
+"""The web UI in a real browser: Debian's chromium, headless, at a phone's width (390 px), driven by selenium
+through chromedriver, against a real server (a child process on a free loopback port, stopped by its PID) on the
+default model with a --lora-dir. The server has an API key, so the page first asks for it.
+
+One walk through every tab: the layout on a phone, an empty prompt refused, a picture with its seed and PNG
+parameters, a LoRA picked, the size note for A1111's 512 px, Stop, the history, readable errors for a file that is
+not an image and for damaged PNG parameters, Invert & edit, PNG info → text to image, and inpainting. Every step
+waits for the state it needs (an element, a value, the editor holding the image), never for a time.
 
 Skipped only where chromium is missing and CI is not set; in CI a missing browser fails the test."""
 
@@ -9,15 +13,15 @@ import io
 import json
 import os
 import re
-import time
-import urllib.request
 import shutil
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 import pytest
+import torch
 
 pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -29,10 +33,13 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from ldm_app import LdmPipeline  # noqa: E402
+from ldm_app.lora import UNET_TARGETS, add_lora, lora_state_dict, save_atomic  # noqa: E402
 from ldm_app.serve.process import start_server, stop_server  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 KEY = "browser-test-key"
+TABS = ["Text to image", "Image to image", "Inpaint", "Invert & edit", "PNG info"]
 
 
 @pytest.fixture
@@ -45,7 +52,7 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=420,900"):  # a phone-sized window: the UI must work there
+                 "--window-size=390,844"):  # a phone: the UI must work there
         options.add_argument(flag)
     service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
     driver = webdriver.Chrome(options=options, service=service)
@@ -57,84 +64,195 @@ def browser():
 
 @pytest.fixture
 def server(tmp_path):
-    proc, url = start_server(["--device", "cpu", "--max-steps", "30", "--api-key", KEY],
-                             log_path=str(tmp_path / "server.log"))
+    styled = LdmPipeline.from_default()  # a LoRA for the default model, with weights that change the picture
+    add_lora(styled.unet, rank=4, alpha=None, targets=UNET_TARGETS)
+    g = torch.Generator().manual_seed(1)
+    for name, p in styled.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    (tmp_path / "loras").mkdir()
+    save_atomic(lora_state_dict(styled.unet), tmp_path / "loras" / "style.safetensors")
+    proc, url = start_server(["--device", "cpu", "--max-steps", "30", "--api-key", KEY,
+                              "--lora-dir", str(tmp_path / "loras")], log_path=str(tmp_path / "server.log"))
     try:
         yield url
     finally:
         stop_server(proc)
 
 
-def test_generate_in_the_browser(browser, server, tmp_path):
+def value(driver, css):
+    return driver.find_element(By.CSS_SELECTOR, css).get_attribute("value")
+
+
+def set_number(driver, css, number):
+    """A slider's or number box's value, typed as a person does (TAB commits it)."""
+    box = driver.find_element(By.CSS_SELECTOR, css)
+    box.clear()
+    box.send_keys(str(number), Keys.TAB)
+
+
+def open_tab(driver, wait, name):
+    wait.until(lambda d: next((b for b in d.find_elements(By.CSS_SELECTOR, "[role=tab]")
+                               if b.text == name and b.is_displayed()), None)).click()
+
+
+def body_text(driver):
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def expect_error(driver, wait, sentence):
+    """Wait for the error toast that says `sentence`, check it shows no Python or gradio internals, close it."""
+    toast = wait.until(lambda d: next((t for t in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+                                       if sentence in t.text), None))
+    assert not re.search(r"Traceback|Error:|preprocess|component at index", toast.text), toast.text
+    toast.find_element(By.CSS_SELECTOR, "[data-testid=toast-close]").click()
+    wait.until(lambda d: not any(sentence in t.text for t in d.find_elements(By.CSS_SELECTOR,
+                                                                               "[data-testid=toast-body]")))
+
+
+def fetch(url, cookie):
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Cookie": cookie})) as r:
+        return PIL.Image.open(io.BytesIO(r.read()))
+
+
+def test_every_tab_in_a_phone_browser(browser, server, tmp_path):
+    wait = WebDriverWait(browser, 90, ignored_exceptions=[StaleElementReferenceException])  # gradio re-renders
     browser.get(server + "/")
-    wait = WebDriverWait(browser, 90)
     key = wait.until(EC.element_to_be_clickable((By.NAME, "key")))  # with --api-key the UI asks for it once
     key.send_keys(KEY)
     key.submit()
     prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+    shot = Path(os.environ.get("LDM_APP_ARTIFACTS", tmp_path)) / "serve-browser.png"  # CI may keep it
+    shot.parent.mkdir(parents=True, exist_ok=True)
+
+    # 1. Phone layout: every tab in view (none behind "⋯"), the results right under the button
+    assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "[role=tab]") if t.is_displayed()] == TABS
+    button = browser.find_element(By.CSS_SELECTOR, "button#generate").rect
+    assert browser.find_element(By.CSS_SELECTOR, "#gallery").rect["y"] - (button["y"] + button["height"]) < 200
+    assert "Describe" in prompt.get_attribute("placeholder")  # a hint, not a filled-in prompt
+
+    # 2. An empty prompt is refused with a sentence (not silently drawn)
+    browser.find_element(By.CSS_SELECTOR, "button#generate").click()
+    expect_error(browser, wait, "Type a prompt first")
+
+    # 3. A picture: not blank, its seed shown, its PNG parameters kept; the seed can be reused
     prompt.send_keys("a red heart")
     browser.find_element(By.CSS_SELECTOR, "button#generate").click()
     image = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#gallery img")))
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image))
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)
-    shot = Path(os.environ.get("LDM_APP_ARTIFACTS", tmp_path)) / "serve-browser.png"  # CI may keep it
-    shot.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
     pixels = np.asarray(PIL.Image.open(io.BytesIO(image.screenshot_as_png)).convert("RGB"), dtype=np.float32)
     assert pixels.std() > 20, "the generated image looks blank"
-    seed = browser.find_element(By.CSS_SELECTOR, "#last-seed input").get_attribute("value")
-    assert seed and int(seed) >= 0  # the seed is shown after the run
+    seed = value(browser, "#last-seed input")
+    assert seed and int(seed) >= 0
     cookie = "; ".join(f"{c['name']}={c['value']}" for c in browser.get_cookies())  # the login's session
-    with urllib.request.urlopen(urllib.request.Request(image.get_attribute("src"), headers={"Cookie": cookie})) as r:
-        download = PIL.Image.open(io.BytesIO(r.read()))
-    assert download.format == "PNG" and json.loads(download.info["ldm-app"])["seed"] == int(seed)  # metadata kept
+    download = fetch(image.get_attribute("src"), cookie)
+    assert download.format == "PNG" and json.loads(download.info["ldm-app"])["seed"] == int(seed)
     assert download.info["parameters"].startswith("a red heart")
     browser.find_element(By.CSS_SELECTOR, "button#reuse-seed").click()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value") == seed)
+    wait.until(lambda d: value(d, "#seed input") == seed)
 
-    # 8 images in one batch: the progress bar counts the denoising steps, then the gallery holds all 8
-    count = browser.find_element(By.CSS_SELECTOR, "#count input[type=number]")
-    count.clear()
-    count.send_keys("8", Keys.TAB)
+    # 4. A LoRA from --lora-dir, picked at run time with its weight
+    picker = browser.find_element(By.CSS_SELECTOR, "#lora-picker input")
+    picker.click()
+    picker.send_keys("style", Keys.ENTER)
+    wait.until(lambda d: "style" in d.find_element(By.CSS_SELECTOR, "#lora-picker").text)
     browser.find_element(By.CSS_SELECTOR, "button#generate").click()
-    wait.until(lambda d: re.search(r"\b\d+/25\b", d.find_element(By.TAG_NAME, "body").text))
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 8)
+    wait.until(lambda d: "<lora:style:0.8>" in value(d, "#run-info textarea"))
 
-    # PNG info: an A1111 PNG's parameters go back into the text-to-image settings
+    # 5. A1111's 512 px on a 64 px model: the note says it is drawn at 64x64 and resized up, and so does the PNG
+    set_number(browser, "#width input[type=number]", 512)
+    set_number(browser, "#height input[type=number]", 512)
+    wait.until(lambda d: "drawn at 64x64" in d.find_element(By.CSS_SELECTOR, "#size-note").text)
+    browser.find_element(By.CSS_SELECTOR, "button#generate").click()
+    wait.until(lambda d: "Drawn at: 64x64" in value(d, "#run-info textarea"))
+    assert "resized up" in browser.find_element(By.CSS_SELECTOR, "#run-note").text
+    assert fetch(browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src"), cookie).size == (512, 512)
+    set_number(browser, "#width input[type=number]", 64)
+    set_number(browser, "#height input[type=number]", 64)
+    wait.until(lambda d: "draws 64x64" in d.find_element(By.CSS_SELECTOR, "#size-note").text)
+
+    # 6. Stop: 16 images of 30 steps stop at the next step; the server's queue is idle again
+    set_number(browser, "#count input[type=number]", 16)
+    set_number(browser, "#steps input[type=number]", 30)
+    browser.find_element(By.CSS_SELECTOR, "button#generate").click()
+    wait.until(lambda d: re.search(r"\b\d+/30\b", body_text(d)))
+    browser.find_element(By.CSS_SELECTOR, "button#stop").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#run-note").text == "Stopped.")
+    progress = urllib.request.Request(server + "/sdapi/v1/progress", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(progress) as r:
+        assert json.load(r)["state"]["sampling_steps"] == 0  # nothing runs on: the batch stopped
+    set_number(browser, "#count input[type=number]", 1)
+
+    # 7. The history keeps every result of this session (3 runs of 1 image so far), not only the last run's
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history .thumbnail-item img")) == 3)
+
+    # 8. A file that is not an image: one sentence, no gradio internals
+    (tmp_path / "broken.png").write_text("not a picture")  # named .png, so the browser lets it through
+    open_tab(browser, wait, "Image to image")
+    browser.find_element(By.CSS_SELECTOR, "#init-image input[type=file]").send_keys(str(tmp_path / "broken.png"))
+    browser.find_element(By.CSS_SELECTOR, "button#generate-img2img").click()
+    expect_error(browser, wait, "not an image")
+
+    # 9. Invert & edit: its own prompts (the shared prompt box is hidden); the seed and parameters are this run's
+    open_tab(browser, wait, "Invert & edit")
+    wait.until(EC.invisibility_of_element_located((By.CSS_SELECTOR, "#prompt")))
+    PIL.Image.new("RGB", (64, 64), (40, 60, 220)).save(tmp_path / "blue.png")
+    browser.find_element(By.CSS_SELECTOR, "#edit-image input[type=file]").send_keys(str(tmp_path / "blue.png"))
+    wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#edit-image img")))
+    browser.find_element(By.CSS_SELECTOR, "#edit-source textarea").send_keys("a blue square")
+    browser.find_element(By.CSS_SELECTOR, "#edit-target textarea").send_keys("a red square")
+    set_number(browser, "#edit-steps input[type=number]", 3)
+    browser.find_element(By.CSS_SELECTOR, "button#generate-edit").click()
+    wait.until(lambda d: value(d, "#run-info textarea").startswith("Invert & edit"))
+    assert value(browser, "#last-seed input") == "0"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery .thumbnail-item img")) == 2
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history .thumbnail-item img")) == 5)
+
+    # 10. PNG info: damaged parameters are one sentence; an A1111 PNG's go to text to image, 512 px with the note
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text("ldm-app", "{not json")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "damaged.png", pnginfo=info)
+    open_tab(browser, wait, "PNG info")
+    browser.find_element(By.CSS_SELECTOR, "#png-file input[type=file]").send_keys(str(tmp_path / "damaged.png"))
+    wait.until(lambda d: "damaged" in value(d, "#png-text textarea"))
+    browser.find_element(By.CSS_SELECTOR, "button#send-to-txt2img").click()
+    expect_error(browser, wait, "No parameters to send")
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text("parameters", "a blue star\nNegative prompt: blurry\nSteps: 7, Sampler: Euler, CFG scale: 3.5, "
-                                "Seed: 4242, Size: 64x64, Model: sd15")
+                                "Seed: 4242, Size: 512x512, Model: sd15")
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
-    browser.set_window_size(1280, 900)  # every tab in view, none in the overflow menu
-    relayout = WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException])  # tabs re-render
-    tab = relayout.until(lambda d: next((b for b in d.find_elements(By.XPATH, "//button[normalize-space()='PNG info']")
-                                         if b.is_displayed()), None))
-    tab.click()
+    clear = browser.find_elements(By.CSS_SELECTOR, "#png-file button[aria-label=Clear]")
+    if clear:
+        clear[0].click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#png-file input[type=file]"))
     browser.find_element(By.CSS_SELECTOR, "#png-file input[type=file]").send_keys(str(tmp_path / "a1111.png"))
-    wait.until(lambda d: "a blue star" in d.find_element(By.CSS_SELECTOR, "#png-text textarea").get_attribute("value"))
+    wait.until(lambda d: "a blue star" in value(d, "#png-text textarea"))
     browser.find_element(By.CSS_SELECTOR, "button#send-to-txt2img").click()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value") == "a blue star")
-    assert browser.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value") == "4242"
+    wait.until(lambda d: value(d, "#prompt textarea") == "a blue star")
+    assert value(browser, "#seed input") == "4242"
     assert browser.find_element(By.CSS_SELECTOR, "button#generate").is_displayed()  # back on text to image
+    wait.until(lambda d: "drawn at 64x64" in d.find_element(By.CSS_SELECTOR, "#size-note").text)
+    set_number(browser, "#width input[type=number]", 64)
+    set_number(browser, "#height input[type=number]", 64)
 
-    # Inpaint: upload a picture, paint a stroke in the browser, repaint under it; the corners stay as they were
-    PIL.Image.new("RGB", (64, 64), (40, 60, 220)).save(tmp_path / "blue.png")
-    relayout.until(lambda d: next((b for b in d.find_elements(By.XPATH, "//button[normalize-space()='Inpaint']")
-                                   if b.is_displayed()), None)).click()
-    browser.find_element(By.CSS_SELECTOR, "#inpaint-editor input[type=file]").send_keys(str(tmp_path / "blue.png"))
-    canvas = wait.until(lambda d: next((c for c in d.find_elements(By.CSS_SELECTOR, "#inpaint-editor canvas")
-                                        if c.is_displayed()), None))
-    time.sleep(1)  # the editor draws the uploaded image
+    # 11. Inpaint: once the editor holds the uploaded picture (its Undo comes alive), paint a stroke and repaint
+    # under it; the corners stay as they were
+    open_tab(browser, wait, "Inpaint")
+    editor = "#inpaint-editor"
+    browser.find_element(By.CSS_SELECTOR, f"{editor} input[type=file]").send_keys(str(tmp_path / "blue.png"))
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{editor} button[aria-label=Undo]").is_enabled())
+    canvas = next(c for c in browser.find_elements(By.CSS_SELECTOR, f"{editor} canvas") if c.is_displayed())
     ActionChains(browser).move_to_element_with_offset(canvas, -10, -10).click_and_hold().move_by_offset(20, 0) \
         .move_by_offset(0, 20).move_by_offset(-20, 0).release().perform()
     before = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
-    browser.find_element(By.CSS_SELECTOR, "button#generate-inpaint").click()  # 8 images: the count is still 8
-    WebDriverWait(browser, 90, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src") != before)
-    src = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
-    with urllib.request.urlopen(urllib.request.Request(src, headers={"Cookie": cookie})) as r:
-        inpainted = np.asarray(PIL.Image.open(io.BytesIO(r.read())).convert("RGB")).astype(int)
+    browser.find_element(By.CSS_SELECTOR, "button#generate-inpaint").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src") != before)
+    inpainted = np.asarray(fetch(browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src"),
+                                 cookie).convert("RGB")).astype(int)
     assert (inpainted[0, 0] == [40, 60, 220]).all() and (inpainted[-1, -1] == [40, 60, 220]).all()
     assert np.abs(inpainted[32, 32] - [40, 60, 220]).sum() > 30  # the painted middle was repainted
     browser.save_screenshot(str(shot.with_name("serve-browser-inpaint.png")))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history .thumbnail-item img")) == 6)

@@ -22,7 +22,7 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     tiny_pipeline().save_pretrained(folder / "model")
     proc, url = start_server(["--model", str(folder / "model"), "--device", "cpu", "--no-ui",
-                              "--api-key", "test-key-123"], log_path=str(folder / "server.log"))
+                              "--api-key", "test-key-1234567"], log_path=str(folder / "server.log"))
     try:
         yield url
     finally:
@@ -34,7 +34,7 @@ def test_webuiapi_txt2img_and_png_info(server):
     webuiapi = pytest.importorskip("webuiapi")
     port = int(server.rsplit(":", 1)[1])
     api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="DDIM", steps=2)
-    api.session.headers["Authorization"] = "Bearer test-key-123"
+    api.session.headers["Authorization"] = "Bearer test-key-1234567"
     result = api.txt2img(prompt="a red cat", seed=11, batch_size=2, cfg_scale=5, eta=0.0, width=32, height=32)
     assert len(result.images) == 2 and result.images[0].size == (32, 32)
     assert result.info["all_seeds"] == [11, 12] and result.info["sampler_name"] == "DDIM"
@@ -49,7 +49,7 @@ def test_webuiapi_txt2img_and_png_info(server):
 
 def test_openai_client_generations_and_edits(server):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=server + "/v1", api_key="test-key-123", max_retries=0)
+    client = openai.OpenAI(base_url=server + "/v1", api_key="test-key-1234567", max_retries=0)
     response = client.images.generate(prompt="a red cat", n=2, size="32x32", response_format="b64_json",
                                       extra_body={"steps": 2, "seed": 3})
     images = [PIL.Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in response.data]
@@ -76,7 +76,7 @@ def test_openai_client_generations_and_edits(server):
 def _metrics(url: str) -> dict[str, float]:
     import urllib.request
 
-    req = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer test-key-123"})
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer test-key-1234567"})
     with urllib.request.urlopen(req, timeout=5) as r:
         return {k: float(v) for k, v in (line.split() for line in r.read().decode().splitlines())}
 
@@ -86,7 +86,7 @@ def _post_raw(url: str, body: dict) -> socket.socket:
     payload = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer test-key-123\r\nContent-Length: " + str(len(payload)).encode() +
+                 b"Authorization: Bearer test-key-1234567\r\nContent-Length: " + str(len(payload)).encode() +
                  b"\r\n\r\n" + payload)
     return sock
 

@@ -104,7 +104,10 @@ def test_save_load_round_trip_is_exact(tmp_path):
     unet.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     loaded = LdmUNet.from_pretrained(tmp_path)
-    public = lambda config: {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k[0] != "_"}
+
+    def public(config):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k[0] != "_"}
+
     assert public(loaded.config) == public(unet.config)
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
     with torch.no_grad():

@@ -61,7 +61,7 @@ def run_batch(params: dict[str, Any], prompts_source: str, prompt_column: str, s
     if not items:
         raise UserError(f"--prompts {prompts_source} holds no prompts.")
     settings = Settings(params["model"], params["variant"], params["device"], params["dtype"], tuple(params["loras"]),
-                        params["batch_size"])
+                        params["batch_size"], params["threads"])
     note(f"{len(items)} images, seeds from {seed} (a row's seed wins)")
     if engine == "ray":
         from ..batch_ray import run_ray

@@ -96,3 +96,8 @@ def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> f
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number; pass e.g. 5.")
     return value
+
+
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None, show_default="physical cores",
+                              help="CPU threads for torch; on a machine busy with other work, fewer (even 1) is "
+                                   "faster.")

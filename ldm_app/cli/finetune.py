@@ -61,7 +61,7 @@ def finetune_lora(photos_dir: Path, model: str, prompt: str | None, rank: int, a
                  learning_rate=lr, batch_size=batch_size, resolution=resolution,
                  train_text_encoder=train_text_encoder, class_prompts=class_prompts if prior_preservation else (),
                  num_class_images=num_class_images, kohya=fmt == "kohya", mixed_precision=mixed_precision, seed=seed,
-                 resume=resume, push_to_hub=push_to_hub, private=private, note=notes(quiet))
+                 resume=resume, push_to_hub=push_to_hub, private=private, note=notes(quiet), progress=not quiet)
     for path in (result.lora_file, result.kohya_file, result.config_file, result.grid):
         if path is not None:
             click.echo(str(path))

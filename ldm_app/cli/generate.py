@@ -18,7 +18,7 @@ from ..loading import DEFAULT_MODEL
 from ..samplers import SAMPLERS
 from .batch import BATCH_EXAMPLES, batch_options, run_batch
 from .common import (UserError, device_option, dtype_option, finite, model_option, notes,
-                     quiet_option, utf8_text, variant_option)
+                     quiet_option, threads_option, utf8_text, variant_option)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -55,6 +55,7 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         ctx.meta["untrusted_model"] = defaults.pop("model")
     # the recorded inputs are checked (there and unchanged) in the command, where --image/--mask may replace them
     ctx.meta["recorded_inputs"] = {"image_path": defaults.pop("image_sha256"), "mask_path": defaults.pop("mask_sha256")}
+    defaults.pop("drawn_at")  # made again from the size by sizes.plan_size
     defaults |= {"image_path": defaults.pop("image"), "mask_path": defaults.pop("mask"),
                  "no_paste_back": not defaults.pop("paste_back")}
     ctx.meta["ignored"], ctx.meta["from_png"] = ignored, value
@@ -127,23 +128,27 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
               help="LoRA file or folder, optionally with a scale (repeatable).")
 @click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
               help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
+@threads_option
 @batch_options
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
              eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
-             loras: tuple[str, ...], lora_dir: str | None, prompts_source: str | None, prompt_column: str, split: str,
-             engine: str, push_to_hub: str | None, quiet: bool) -> None:
+             loras: tuple[str, ...], lora_dir: str | None, threads: int | None, prompts_source: str | None,
+             prompt_column: str, split: str, engine: str, push_to_hub: str | None, quiet: bool) -> None:
     """Generate images for PROMPT and print the paths written (or, with --prompts, a data set)."""
     if prompts_source is not None:
         return run_batch(locals(), prompts_source, prompt_column, split, engine, push_to_hub)
+    import PIL.Image
     import torch
 
     from ..images import file_sha256
+    from ..threads import use_threads
     from ..loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
     from ..png_metadata import GenerationParams, save_png
     from ..samplers import make_scheduler
+    from ..sizes import plan_size
 
     # 1. Parameters (--from has already filled in the defaults) and inputs, all checked before any work
     ctx, note = click.get_current_context(), notes(quiet)
@@ -178,6 +183,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         grid_path = paths[0].with_name(paths[0].stem + "-grid.png") if grid else None
         if grid_path is not None and grid_path.exists() and not overwrite:
             raise UserError(f"{grid_path} already exists; pass --overwrite or choose another --output.")
+        use_threads(threads)
         dev = pick_device(device)
         weights_dtype = pick_dtype(dtype, dev)
         dtype = dtype_name(weights_dtype)  # as resolved, for the PNG
@@ -186,6 +192,9 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         height = pipe.default_size if height is None else height
         width = pipe.default_size if width is None else width
         pipe.check_inputs(prompt, negative_prompt, height, width, steps, guidance)
+        plan = plan_size(width, height, pipe.default_size, pipe.vae_scale_factor)
+        if plan.resized:
+            note(f"warning: {plan.note(pipe.default_size)}")
         check_free_space(paths[0].parent, num_images + grid, width, height)
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
         apply_loras(pipe, loras)
@@ -197,17 +206,20 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-            out = pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=height, width=width,
+            out = pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=plan.draw_height,
+                       width=plan.draw_width,
                        num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators, image=image,
                        mask_image=mask, strength=strength, paste_back=not no_paste_back, mask_feather=mask_feather)
-            images += out.images
-        if image is not None and out.input_size != (width, height):
+            images += [im.resize((width, height), PIL.Image.Resampling.LANCZOS) if plan.resized else im
+                       for im in out.images]
+        if image is not None and out.input_size != (plan.draw_width, plan.draw_height):
             w, h = out.input_size
-            note(f"note: the {w}x{h} input was resized and center-cropped to {width}x{height}")
+            note(f"note: the {w}x{h} input was resized and center-cropped to {plan.draw_width}x{plan.draw_height}")
 
         # 4. Write PNGs with their parameters
         params = GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed, width, height,
-                                  model_record(model), dtype, list(loras), strength=out.strength, **inputs)
+                                  model_record(model), dtype, list(loras), strength=out.strength,
+                                  drawn_at=plan.drawn_at, **inputs)
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, dataclasses.replace(params, seed=seed + i))
             click.echo(str(path))

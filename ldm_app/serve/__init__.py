@@ -19,29 +19,21 @@ def create_app(engine, settings: Settings | None = None):  # noqa: ANN001,ANN201
 
 
 def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), host: str = "127.0.0.1",
-               port: int = 7860, api_key: str | None = None, insecure: bool = False, device: str = "auto",
-               dtype: str = "auto", max_queue: int = 32, max_batch: int = 16, lora_dir: str | None = None,
-               limits: Limits | None = None, ui: bool = True, variant: str | None = None) -> None:
-    """Load the model and LoRAs, then serve until interrupted. Raises ValueError (before loading anything) for
-    a non-loopback `host` without `api_key` unless `insecure`, and for bad settings."""
+               port: int = 7860, settings: Settings | None = None, insecure: bool = False, device: str = "auto",
+               dtype: str = "auto", lora_dir: str | None = None, variant: str | None = None,
+               threads: int | None = None) -> None:
+    """Load the model and LoRAs, then serve until interrupted (see `server.py` for what happens on SIGTERM).
+    Raises ValueError, before loading anything, for a non-loopback `host` without an API key unless `insecure`,
+    and for a missing web extra. `threads`: torch's CPU threads (None: one per physical core)."""
     import importlib.util
 
-    check_bind(host, api_key, insecure)
-    needed = ["uvicorn", "fastapi", "multipart"] + (["gradio"] if ui else [])  # multipart: OpenAI's image edits
+    settings = settings or Settings()
+    check_bind(host, settings.api_key, insecure)
+    needed = ["uvicorn", "fastapi", "multipart"] + (["gradio"] if settings.ui else [])  # multipart: image edits
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise ValueError(f"ldm-app serve needs the web extra ({', '.join(missing)} missing): pip install "
                          "\"ldm-app[web]\"")
-    import uvicorn
+    from .server import serve
 
-    from .app import create_app as _create_app
-    from .engine import Engine
-
-    settings = Settings(api_key=api_key, max_queue=max_queue, max_batch=max_batch, ui=ui,
-                        limits=limits or Limits())
-    engine = Engine.load(model, list(loras), lora_dir, device, dtype, variant)
-    app = _create_app(engine, settings)
-    print(f"ldm-app serve: http://{host}:{port}/ (UI), /sdapi/v1 (A1111), /v1/images (OpenAI)", flush=True)
-    # connections beyond the queue's bound get 503 from uvicorn before their bodies are read into memory
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                limit_concurrency=max_queue + max_batch + 16)
+    serve(model, list(loras), host, port, settings, device, dtype, lora_dir, variant, threads)

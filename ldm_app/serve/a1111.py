@@ -1,8 +1,8 @@
 """The subset of AUTOMATIC1111's `/sdapi/v1` API that clients call, in the request and response shapes of its
 modules/api/models.py: txt2img, img2img (with mask), samplers, sd-models, options, progress, png-info.
 
-Fields this server has no use for (styles, restore_faces, tiling, ...) are accepted and ignored, as A1111's own
-models accept them; ones that would change the result and cannot be honoured (hires fix, scripts) get a 422.
+Fields this server has no use for (styles, restore_faces, ...) are accepted and ignored, as A1111's own models
+accept them; ones that would change the result and cannot be honoured (hires fix, tiling, scripts) get a 422.
 Unset fields take ldm-app's defaults (the model's native size, 25 steps, CFG 5), not SD's 512 px and 50 steps.
 """
 
@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from .app import run_job
 from .engine import ImageRequest, read_png_text
+from .jobs import run_job
 from .validation import ApiError, a1111_mask, decode_base64, decode_base64_image, image_request
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
@@ -45,6 +45,7 @@ class Txt2ImgRequest(BaseModel):
     height: int | None = None
     send_images: bool = True
     enable_hr: bool = False
+    tiling: bool = False
     script_name: str | None = None
     loras: dict[str, float] | None = Field(None, description="ldm-app extension: LoRA name → scale "
                                                                "(or A1111's <lora:name:weight> in the prompt)")
@@ -62,6 +63,8 @@ def _request(http: Request, body: Txt2ImgRequest, image: PIL.Image.Image | None 
     if body.enable_hr:
         raise ApiError(422, "enable_hr (hires fix) is not supported; send enable_hr=false and the size you want.",
                        "enable_hr")
+    if body.tiling:
+        raise ApiError(422, "tiling (seamless textures) is not supported; send tiling=false.", "tiling")
     if body.script_name:
         raise ApiError(422, f"script_name={body.script_name!r}: this server runs no scripts; leave it out.",
                        "script_name")
@@ -82,7 +85,7 @@ def _request(http: Request, body: Txt2ImgRequest, image: PIL.Image.Image | None 
 
 async def _respond(http: Request, body: Txt2ImgRequest, request: ImageRequest) -> dict[str, Any]:
     engine = http.app.state.engine
-    images = await run_job(http, http.app.state.queue, request)
+    images = await run_job(http, request)
     params = [engine.params(request, seed) for seed in request.seeds]
     encoded = [base64.b64encode(engine.png(image, p)).decode() for image, p in zip(images, params)]
     return {"images": encoded if body.send_images else [],
@@ -186,6 +189,11 @@ def png_info(body: PngInfoRequest, http: Request) -> dict[str, Any]:
     raw = decode_base64(body.image, "image")
     try:
         text, items, parameters = read_png_text(raw)
-    except (OSError, ValueError, SyntaxError):
+    except PIL.Image.DecompressionBombError:
+        raise ApiError(413, "image is too large: it declares more pixels than PIL's safety limit (a decompression "
+                            "bomb); send the PNG as A1111 or ldm-app wrote it.", "image") from None
+    except (OSError, SyntaxError):
         raise ApiError(422, "image is not a PNG PIL can read; send a base64-encoded PNG.", "image") from None
+    except ValueError as err:  # a damaged chunk, or a parameters text too long to be A1111's
+        raise ApiError(422, f"image: {str(err).rstrip('.')}.", "image") from None
     return {"info": text, "items": items, "parameters": parameters}

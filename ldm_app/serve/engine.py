@@ -40,8 +40,9 @@ class ImageRequest:
     eta: float = 0.0
     sampler: str = "ddim"
     seed: int = 0
-    width: int = 64
+    width: int = 64  # the images' size
     height: int = 64
+    drawn: tuple[int, int] | None = None  # (width, height) the model draws at when smaller (sizes.py), resized up
     n: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale) for every loaded LoRA, in load order
     image: PIL.Image.Image | None = None  # img2img / inpainting input, already at width × height
@@ -52,7 +53,11 @@ class ImageRequest:
         """Requests with equal keys share one pipeline call; image requests run alone (each has its own input)."""
         if self.image is not None:
             return None
-        return (self.width, self.height, self.steps, self.sampler, self.guidance, self.eta, self.loras)
+        return (self.draw_size, self.steps, self.sampler, self.guidance, self.eta, self.loras)
+
+    @property
+    def draw_size(self) -> tuple[int, int]:
+        return self.drawn or (self.width, self.height)
 
     @property
     def seeds(self) -> list[int]:
@@ -177,6 +182,7 @@ class Engine:
         steps = max(1, int(first.steps * first.strength)) if first.image is not None else first.steps
         total = steps * len(chunks)
         images: list[PIL.Image.Image] = []
+        width, height = first.draw_size
         for c, chunk in enumerate(chunks):
             def callback(pipe: LdmPipeline, i: int, t: Any, tensors: dict, c: int = c) -> dict:
                 if on_step is not None:
@@ -190,12 +196,13 @@ class Engine:
                     kwargs["mask_image"] = [first.mask] * len(chunk)
             images += self.pipe(
                 [r.prompt for r, _ in chunk], negative_prompt=[r.negative_prompt for r, _ in chunk],
-                height=first.height, width=first.width, num_inference_steps=first.steps,
+                height=height, width=width, num_inference_steps=first.steps,
                 guidance_scale=first.guidance, eta=first.eta, callback_on_step_end=callback,
                 generator=[torch.Generator().manual_seed(s) for _, s in chunk], **kwargs).images
         out, start = [], 0
-        for r in requests:
-            out.append(images[start:start + r.n])
+        for r in requests:  # each to its own size (requests drawn at one size may ask for different ones)
+            out.append([image.resize((r.width, r.height), PIL.Image.Resampling.LANCZOS) if r.drawn else image
+                        for image in images[start:start + r.n]])
             start += r.n
         return out
 
@@ -236,7 +243,8 @@ class Engine:
         return GenerationParams(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                                 guidance=request.guidance, eta=request.eta, sampler=request.sampler, seed=seed,
                                 width=request.width, height=request.height, model=self.model_name, dtype=self.dtype,
-                                loras=loras, strength=request.strength if request.image is not None else None)
+                                loras=loras, strength=request.strength if request.image is not None else None,
+                                drawn_at="{}x{}".format(*request.drawn) if request.drawn else None)
 
     def png(self, image: PIL.Image.Image, params: GenerationParams) -> bytes:
         """PNG bytes with the same two metadata chunks `ldm-app generate` writes."""

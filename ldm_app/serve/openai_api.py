@@ -17,9 +17,11 @@ import PIL.Image
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
-from .app import run_job
 from .engine import ImageRequest
+from .jobs import run_job
 from .validation import ApiError, decode_image_bytes, image_request, parse_size
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI"])
@@ -49,7 +51,7 @@ def _check_format(response_format: str | None) -> None:
 
 async def _respond(http: Request, request: ImageRequest) -> dict[str, Any]:
     engine = http.app.state.engine
-    images = await run_job(http, http.app.state.queue, request)
+    images = await run_job(http, request)
     data = [{"b64_json": base64.b64encode(engine.png(image, engine.params(request, seed))).decode(),
              "revised_prompt": None} for image, seed in zip(images, request.seeds)]
     return {"created": int(time.time()), "data": data}
@@ -73,7 +75,12 @@ async def edits(http: Request) -> dict[str, Any]:
     pixels are repainted; without a mask, the image's own transparent pixels are. With neither, image to image."""
     limits = http.app.state.settings.limits
     try:
-        form = await http.form()
+        form = await http.form(max_files=4, max_fields=64)  # image, mask and a dozen fields at most
+    except (MultiPartException, HTTPException) as err:  # starlette's limits on parts (it raises them as a 400)
+        detail = str(getattr(err, "detail", err))
+        status = 413 if "maximum" in detail.lower() else 422
+        raise ApiError(status, f"the multipart body was refused: {detail.rstrip('.')}; send the image, the mask "
+                               "and the text fields only.") from None
     except Exception:  # noqa: BLE001  (python-multipart's parse errors have no common base class)
         raise ApiError(422, "the body is not multipart/form-data; send the image (and mask) as files.") from None
     image_file = form.get("image") or form.get("image[]")

@@ -13,19 +13,24 @@ import urllib.error
 import urllib.request
 
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], timeout: float = 180.0, log_path: str | None = None) -> tuple[subprocess.Popen, str]:
-    """The server with `args` (besides --host/--port) and its base URL, once /healthz answers; the child inherits
-    this environment (PYTHONPATH included). Raises RuntimeError with the server's last output if it never does."""
+def start_server(args: list[str], timeout: float = 180.0, log_path: str | None = None,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """The server with `args` (besides --host/--port) and its base URL, once /healthz answers; the child gets
+    this environment (PYTHONPATH included) updated with `env`. Raises RuntimeError with the server's last output
+    if it never answers."""
     port = free_port()
     log = open(log_path, "w+b") if log_path else subprocess.DEVNULL  # noqa: SIM115  (closed by stop_server)
     proc = subprocess.Popen([sys.executable, "-m", "ldm_app.serve", "--host", "127.0.0.1", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     proc.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -33,7 +38,7 @@ def start_server(args: list[str], timeout: float = 180.0, log_path: str | None =
         if proc.poll() is not None:
             break
         try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+            with NO_PROXY.open(url + "/healthz", timeout=2) as r:
                 if r.status == 200:
                     return proc, url
         except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -27,6 +27,15 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class ShuttingDown(QueueFull):
+    """The server is stopping: new requests are refused with this, and waiting and running ones end with it
+    (a 503 that says so). A kind of QueueFull, so that every door that handles a full queue handles it too."""
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "The server is shutting down; retry in a moment, or on another server.")
+        self.retry_after = 5
+
+
 @dataclass(eq=False)
 class Job:
     """A queued request: images (`request`) or a one-off task on the pipeline (`task`, never batched)."""
@@ -71,6 +80,7 @@ class JobQueue:
         self._batch_started = 0.0
         self._lock = threading.Condition()
         self._stop = False
+        self._closing = False  # shutting down: no new jobs, the running batch stops at its next step
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------------------------
@@ -80,6 +90,8 @@ class JobQueue:
         """Queue a request (or a task); raises `QueueFull` instead of waiting when `max_queue` jobs wait."""
         job = Job(request=request, task=task)
         with self._lock:
+            if self._closing:
+                raise ShuttingDown()
             if len(self._waiting) >= self.max_queue:
                 self.metrics.rejected += 1
                 raise QueueFull(self._retry_after())
@@ -134,14 +146,20 @@ class JobQueue:
         self._thread = threading.Thread(target=self._work, name="ldm-app-model", daemon=True)
         self._thread.start()
 
+    def close(self) -> None:
+        """The server is shutting down: refuse new jobs, answer waiting ones `ShuttingDown` now, and stop the
+        running batch at its next step (its clients get `ShuttingDown` too)."""
+        with self._lock:
+            self._closing = True
+            while self._waiting:
+                self._waiting.popleft().future.set_exception(ShuttingDown())
+            self._lock.notify_all()
+
     def stop(self) -> None:
-        """Stop the running batch at its next step, fail what still waits, and end the worker."""
+        """`close`, then end the worker."""
+        self.close()
         with self._lock:
             self._stop = True
-            for job in self._running:
-                job.cancelled = True
-            while self._waiting:
-                self._waiting.popleft().future.set_exception(RuntimeError("The server is shutting down."))
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
@@ -180,7 +198,7 @@ class JobQueue:
             except Exception as err:  # reported to each waiting client; the worker keeps serving
                 with self._lock:
                     self._running = []
-                    if not isinstance(err, Interrupted):
+                    if not isinstance(err, (Interrupted, ShuttingDown)):
                         self.metrics.failed += len(batch)
                 for job in batch:
                     if not job.future.done():
@@ -204,6 +222,8 @@ class JobQueue:
         with self._lock:
             for job in batch:
                 job.step, job.total = step, total
+            if self._closing:
+                raise ShuttingDown()
             if all(job.cancelled for job in batch):
                 raise Interrupted("every client of this batch has disconnected")
 

@@ -32,13 +32,38 @@ class Settings:
     max_batch: int = 16  # images per pipeline call when compatible requests are batched
     ui: bool = True  # mount the gradio UI at / (needs the `web` extra's gradio)
     limits: Limits = field(default_factory=Limits)
+    head_timeout: float = 10.0  # s from connect (or the previous response) to a request's complete head
+    body_timeout: float = 60.0  # s from a request's head to its body's last byte (32 MB: about 4.5 Mbit/s)
+    max_connections: int = 512  # open sockets; beyond it the oldest still waiting for its request head is closed
+    telemetry: bool = False  # let gradio check for updates and send its analytics (off: the server calls no one)
+
+    @property
+    def max_requests(self) -> int:
+        """Requests in progress (waiting, running, being read or answered, the UI's streams): one more is a 503."""
+        return self.max_queue + self.max_batch + 16
 
     def __post_init__(self) -> None:
         if self.max_queue < 1 or self.max_batch < 1:
             raise ValueError(f"max_queue={self.max_queue}, max_batch={self.max_batch}; both must be at least 1.")
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise ValueError("--api-key is shorter than 8 characters; use a long random key "
-                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())').")
+        if self.api_key is not None:
+            check_key(self.api_key)
+        if not (self.head_timeout > 0 and self.body_timeout > 0 and self.max_connections >= 1):
+            raise ValueError(f"head_timeout={self.head_timeout}, body_timeout={self.body_timeout}, max_connections="
+                             f"{self.max_connections}: all must be positive.")
+
+
+MIN_KEY_CHARS = 16
+
+
+def check_key(api_key: str) -> None:
+    """A key that guessing cannot find: 16 characters at least, and no space at either end (clients strip it)."""
+    fix = "use a long random key, e.g. python -c 'import secrets; print(secrets.token_urlsafe())'"
+    if not api_key.strip():
+        raise ValueError(f"--api-key is empty or all whitespace; {fix}.")
+    if api_key != api_key.strip():
+        raise ValueError(f"--api-key starts or ends with whitespace, which clients strip from headers; {fix}.")
+    if len(api_key) < MIN_KEY_CHARS:
+        raise ValueError(f"--api-key is shorter than {MIN_KEY_CHARS} characters; {fix}.")
 
 
 def is_loopback(host: str) -> bool:

@@ -13,6 +13,8 @@ import math
 import PIL.Image
 
 from ..images import to_rgb
+from ..inversion import METHODS
+from ..sizes import plan_size
 from .engine import Engine, ImageRequest
 from .settings import Limits
 
@@ -42,9 +44,13 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
                   width: int | None = None, height: int | None = None, n: int = 1,
                   loras: dict[str, float] | None = None, image: PIL.Image.Image | None = None,
                   mask: PIL.Image.Image | None = None, strength: float = 0.75) -> ImageRequest:
-    """Check every field against the model and the server's limits; images are resized to width × height."""
+    """Check every field against the model and the server's limits; input images are resized to the size drawn
+    (`sizes.plan_size`: width × height, or the native size for sizes far above it)."""
     # 1. Text
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not is_utf8(text):
+            raise ApiError(422, f"{name} holds a lone surrogate (such as \"\\ud800\"), which is not text; send "
+                                "UTF-8 text (a JSON \\u escape must pair a high and a low surrogate).", name)
         if len(text) > limits.max_prompt_chars:
             raise ApiError(422, f"{name} has {len(text)} characters; the server accepts at most "
                                 f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
@@ -89,19 +95,33 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
         raise ApiError(422, f"{width}x{height} is {width * height} pixels; the server allows at most "
                             f"{limits.max_pixels} per image (--max-pixels).", "width")
 
-    # 4. Input image and mask, at the output size
+    plan = plan_size(width, height, engine.default_size, factor)  # far above the native size: drawn smaller
+
+    # 4. Input image and mask, at the size drawn
+    draw_size = (plan.draw_width, plan.draw_height)
     if mask is not None and image is None:
         raise ApiError(422, "a mask was sent without an image; send the image to inpaint too.", "mask")
     if image is not None:
-        image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+        image = image.resize(draw_size, PIL.Image.Resampling.LANCZOS)
     if mask is not None:
-        mask = mask.convert("L").resize((width, height), PIL.Image.Resampling.NEAREST)
+        mask = mask.convert("L").resize(draw_size, PIL.Image.Resampling.NEAREST)
         if mask.getextrema()[1] < 128:
             raise ApiError(422, "the mask is all black, so there is nothing to repaint; paint the area to change "
                                 "white.", "mask")
     return ImageRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=float(guidance),
-                        eta=float(eta), sampler=sampler, seed=seed, width=width, height=height, n=n,
+                        eta=float(eta), sampler=sampler, seed=seed, width=width, height=height,
+                        drawn=draw_size if plan.resized else None, n=n,
                         loras=lora_scales, image=image, mask=mask, strength=float(strength))
+
+
+def is_utf8(text: str) -> bool:
+    """False for strings with lone surrogates: JSON's "\\ud800" decodes to one, and neither the tokenizer nor
+    the PNG writer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def decode_image_bytes(raw: bytes, field: str, limits: Limits, keep_alpha: bool = False) -> PIL.Image.Image:
@@ -110,12 +130,15 @@ def decode_image_bytes(raw: bytes, field: str, limits: Limits, keep_alpha: bool 
         image = PIL.Image.open(io.BytesIO(raw))
         w, h = image.size
         if w * h > 4 * limits.max_pixels:  # checked before decoding: a small file can expand to gigabytes
-            raise ApiError(413, f"{field} is {w}x{h}; send an image of at most {4 * limits.max_pixels} pixels.",
+            raise ApiError(413, f"{field} is too large ({w}x{h}); send an image of at most {4 * limits.max_pixels} pixels.",
                            field)
         image.load()
     except ApiError:
         raise
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+    except PIL.Image.DecompressionBombError:
+        raise ApiError(413, f"{field} is too large: it declares more pixels than PIL's safety limit; send an image "
+                            f"of at most {4 * limits.max_pixels} pixels.", field) from None
+    except (OSError, ValueError, SyntaxError):
         raise ApiError(422, f"{field} is not an image PIL can read; send a PNG, JPEG or WebP.", field) from None
     if keep_alpha and "A" in image.getbands():
         return image.convert("RGBA")
@@ -145,3 +168,23 @@ def a1111_mask(image: PIL.Image.Image) -> PIL.Image.Image:
     if "A" in image.getbands() and image.getextrema()[-1] != (255, 255):
         return image.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     return image.convert("L")
+
+
+def check_edit(engine: Engine, limits: Limits, *, source: str, target: str, method: str, steps: int,
+               guidance: float, cross_attention: float) -> None:
+    """Invert & edit's fields (the UI's fifth door), checked against the same limits as `image_request`."""
+    for name, text in (("source prompt", source), ("target prompt", target)):
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(422, "Describe the image (source prompt) and what it should become (target prompt).", name)
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(422, f"The {name} has {len(text)} characters; the server accepts at most "
+                                f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
+    if method not in METHODS:
+        raise ApiError(422, f"inversion={method!r}; use one of {', '.join(METHODS)}.", "method")
+    max_steps = min(limits.max_steps, engine.max_steps)
+    if not 2 <= steps <= max_steps:
+        raise ApiError(422, f"steps={steps}; use 2 to {max_steps} (25 is typical).", "steps")
+    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
+        raise ApiError(422, f"guidance={guidance}; use a number from 0 to 100 (5 is typical).", "guidance")
+    if not math.isfinite(cross_attention) or not 0 <= cross_attention <= 1:
+        raise ApiError(422, f"cross-attention injection={cross_attention}; use a number from 0 to 1.", "cross")
