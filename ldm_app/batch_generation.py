@@ -320,7 +320,7 @@ def run_local(items: list[Item], output: str | os.PathLike, settings: Settings, 
     from .distributed import check_launched
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    check_launched(state.num_processes, "ldm-app generate --prompts …")
+    check_launched(state.num_processes, "-m ldm_app generate --prompts …")
     out = OutputFolder(output)
     if state.is_main_process:
         out.claim(items, settings)

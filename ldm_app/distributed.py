@@ -67,4 +67,4 @@ def check_launched(num_processes: int, command: str) -> None:
     if launched != num_processes:
         raise ValueError(f"{launched} processes were launched but accelerate set up {num_processes}, so each would "
                          f"work alone. Without CUDA, start them with `ACCELERATE_USE_CPU=true torchrun --standalone "
-                         f"--nproc_per_node {launched} $(which ldm-app) …` ({command}); with GPUs, make CUDA visible.")
+                         f"--nproc_per_node {launched} {command}`; with GPUs, make CUDA visible to torch.")

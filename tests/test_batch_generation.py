@@ -3,6 +3,7 @@ with the same files on 1 or 2 processes (torchrun) or on Ray, after a kill and a
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import datasets
 import PIL.Image
 import pytest
 
-from ldm_app.batch_generation import METADATA, RECORDS, Item, OutputFolder, Settings, make_items, read_rows
+from ldm_app.batch_generation import (METADATA, RECORDS, OutputFolder, Settings, make_items, push_dataset, read_rows,
+                                     run_local)
 from ldm_app.png_metadata import read_png
 from ldm_app.testing import tiny_pipeline
 
@@ -115,6 +117,22 @@ def test_a_folder_holding_another_job_or_other_files_is_refused(tmp_path):
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="not empty and holds no batch job"):
         OutputFolder(tmp_path / "photos").claim(items, Settings())
+
+
+def test_processes_that_did_not_join_one_run_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; this process runs alone
+    with pytest.raises(ValueError, match="2 processes were launched but accelerate set up 1.*ACCELERATE_USE_CPU=true"):
+        run_local(make_items([{"prompt": "a"}], {"steps": 2}, 0), tmp_path / "out", Settings())
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_writes_a_data_set_card_and_offline_is_one_line(reference, tmp_path):
+    shutil.copytree(reference, tmp_path / "data")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):  # (conftest keeps the tests offline)
+        push_dataset(tmp_path / "data", "me/shapes")
+    card = (tmp_path / "data" / "README.md").read_text()
+    assert "task_categories:\n- text-to-image" in card and "20 images" in card
+    assert 'load_dataset("me/shapes"' in card
 
 
 def test_cli_errors_are_one_line(model, prompts, tmp_path):
