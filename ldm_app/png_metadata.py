@@ -172,8 +172,8 @@ def checked(p: GenerationParams, source: str) -> GenerationParams:
         return isinstance(x, str) and x.encode("utf-8", "ignore").decode("utf-8") == x
 
     rules = [
-        ("prompt", text(p.prompt), "UTF-8 text"),
-        ("negative_prompt", text(p.negative_prompt), "UTF-8 text"),
+        ("prompt", text(p.prompt), "a string of UTF-8 text"),
+        ("negative_prompt", text(p.negative_prompt), "a string of UTF-8 text"),
         ("steps", integer(p.steps, 1), "a whole number ≥ 1"),
         ("guidance", number(p.guidance) and p.guidance >= 0, "a number ≥ 0"),
         ("eta", number(p.eta) and 0 <= p.eta <= 1, "a number from 0 to 1"),

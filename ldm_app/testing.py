@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import ObjectiveConfig
+from .lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
 from .objective import sampling_scheduler
 from .pipeline import LdmPipeline
 from .unet import LdmUNet
@@ -88,6 +89,24 @@ def tiny_pipeline(unet_kind: Literal["ldm", "diffusers"] = "ldm", seed: int = 0)
     """An `LdmPipeline` over `tiny_components`, progress bar off."""
     pipe = LdmPipeline(**tiny_components(unet_kind, seed))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_random_lora(pipe: LdmPipeline, unet: bool = True, text_encoder: bool = False, rank: int = 4,
+                    alpha: float | None = None, seed: int = 1, std: float = 0.2) -> LdmPipeline:
+    """Attach LoRA adapters to `pipe`'s UNet and/or text encoder with random B matrices, as after training.
+
+    peft starts B at zero, where an adapter changes nothing; a test of saving, loading, fusing or scaling one needs
+    an adapter that moves the output. B is drawn from one generator seeded `seed`, UNet first."""
+    g = torch.Generator().manual_seed(seed)
+    for model, targets, wanted in ((pipe.unet, UNET_TARGETS, unet), (pipe.text_encoder, TEXT_ENCODER_TARGETS,
+                                                                     text_encoder)):
+        if not wanted:
+            continue
+        add_lora(model, rank=rank, alpha=alpha, targets=targets)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=g) * std
     return pipe
 
 

@@ -14,13 +14,6 @@ from safetensors.torch import save_file
 from ldm_app.testing import tiny_pipeline
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "ldm_app", *args], capture_output=True, text=True, env=env,

@@ -175,13 +175,6 @@ def test_null_text_at_guidance_1_explains_the_fix(pipes, image):
 # CLI
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
 def run(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
 from ldm_app.config import load_config
-from ldm_app.lora import (KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, lora_state_dict,
-                          save_atomic, to_kohya)
-from ldm_app.testing import tiny_components, tiny_pipeline, write_toy_dataset
+from ldm_app.lora import KOHYA_FILE, LORA_FILE, UNET_TARGETS, add_lora, lora_state_dict, save_atomic, to_kohya
+from ldm_app.testing import add_random_lora, tiny_components, tiny_pipeline, write_toy_dataset
 from ldm_app.trainer import train
 
 
@@ -24,29 +23,19 @@ def generate(pipe, seed=0):
                 output_type="np").images
 
 
-def pipe_with_random_lora(kind="ldm", alpha=None):
-    pipe = tiny_pipeline(kind)
-    add_lora(pipe.unet, rank=4, alpha=alpha, targets=UNET_TARGETS)
-    g = torch.Generator().manual_seed(1)
-    for name, p in pipe.unet.named_parameters():
-        if "lora_B" in name:  # B starts at zero; give it weight so the adapter changes something
-            p.data = torch.randn(p.shape, generator=g) * 0.2
-    return pipe
-
-
 def test_zero_init_and_scale_zero_equal_the_base_and_scale_one_differs():
     base = generate(tiny_pipeline())
     fresh = tiny_pipeline()
     add_lora(fresh.unet, rank=4, alpha=None, targets=UNET_TARGETS)
     np.testing.assert_allclose(generate(fresh), base, atol=1e-6)
-    pipe = pipe_with_random_lora()
+    pipe = add_random_lora(tiny_pipeline())
     assert np.abs(generate(pipe) - base).max() > 1e-3
     pipe.set_adapters(["default"], [0.0])
     np.testing.assert_allclose(generate(pipe), base, atol=1e-6)
 
 
 def test_fused_equals_unfused_and_unfuse_restores():
-    pipe = pipe_with_random_lora()
+    pipe = add_random_lora(tiny_pipeline())
     unfused = generate(pipe)
     pipe.fuse_lora()
     np.testing.assert_allclose(generate(pipe), unfused, atol=1e-5)
@@ -56,7 +45,7 @@ def test_fused_equals_unfused_and_unfuse_restores():
 
 @pytest.mark.parametrize("alpha", [None, 8.0])
 def test_saved_lora_reloads_to_the_same_images_in_diffusers_and_kohya_format(tmp_path, alpha):
-    pipe = pipe_with_random_lora(alpha=alpha)
+    pipe = add_random_lora(tiny_pipeline(), alpha=alpha)
     expected = generate(pipe)
     state = lora_state_dict(pipe.unet)
     save_atomic(state, tmp_path / LORA_FILE)
@@ -230,11 +219,7 @@ def test_prior_preservation_trains_on_class_images_of_each_class_prompt(tmp_path
 
 
 def test_text_encoder_lora_in_kohya_format_uses_a1111_names_and_loads_with_or_without_them(tmp_path):
-    pipe = tiny_pipeline()
-    add_lora(pipe.text_encoder, rank=4, alpha=None, targets=TEXT_ENCODER_TARGETS)
-    for name, p in pipe.text_encoder.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.2
+    pipe = add_random_lora(tiny_pipeline(), unet=False, text_encoder=True, seed=2)
     expected = pipe.encode_prompt("a red circle", torch.device("cpu"), do_classifier_free_guidance=False)[0]
     # A1111, ComfyUI and kohya name text-encoder modules as transformers 4 did (text_model.encoder...), while
     # transformers 5's CLIPTextModel says encoder...: the export uses the former, the loader takes both

@@ -8,9 +8,8 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_app.lora import (KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, kohya_base_problem,
-                          lora_short_hash, save_lora)
-from ldm_app.testing import tiny_pipeline
+from ldm_app.lora import KOHYA_FILE, LORA_FILE, kohya_base_problem, lora_short_hash, save_lora
+from ldm_app.testing import add_random_lora, tiny_pipeline
 
 
 def generate(pipe):
@@ -20,16 +19,7 @@ def generate(pipe):
 
 def trained_pipe(kind="diffusers", text_encoder=True):
     """A pipeline with rank-4, α = 8 adapters whose B is random (as after training)."""
-    pipe = tiny_pipeline(kind)
-    add_lora(pipe.unet, rank=4, alpha=8, targets=UNET_TARGETS)
-    if text_encoder:
-        add_lora(pipe.text_encoder, rank=4, alpha=8, targets=TEXT_ENCODER_TARGETS)
-    g = torch.Generator().manual_seed(1)
-    for model in (pipe.unet, pipe.text_encoder):
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=g) * 0.2
-    return pipe
+    return add_random_lora(tiny_pipeline(kind), text_encoder=text_encoder, alpha=8)
 
 
 def tensor_hash(path) -> str:

@@ -20,13 +20,6 @@ from ldm_app.inversion import Inversion
 from ldm_app.testing import tiny_pipeline, write_toy_dataset
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
 def run(*args) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -10,28 +10,22 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from ldm_app.lora import UNET_TARGETS, add_lora, lora_state_dict, save_atomic  # noqa: E402
+from ldm_app.lora import lora_state_dict, save_atomic  # noqa: E402
 from ldm_app.serve import Settings, create_app  # noqa: E402
 from ldm_app.serve.engine import Engine, lora_name  # noqa: E402
-from ldm_app.testing import tiny_pipeline  # noqa: E402
+from ldm_app.testing import add_random_lora, tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lora_client(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine")
     tiny_pipeline().save_pretrained(folder / "model")
-    styled = tiny_pipeline()
-    add_lora(styled.unet, rank=4, alpha=None, targets=UNET_TARGETS)
-    g = torch.Generator().manual_seed(1)
-    for name, p in styled.unet.named_parameters():
-        if "lora_B" in name:  # B starts at zero; give it weight so the adapter changes something
-            p.data = torch.randn(p.shape, generator=g) * 0.2
+    styled = add_random_lora(tiny_pipeline())
     (folder / "loras").mkdir()
     save_atomic(lora_state_dict(styled.unet), folder / "loras" / "style.safetensors")
     engine = Engine.load(str(folder / "model"), [], str(folder / "loras"), "cpu", "fp32")

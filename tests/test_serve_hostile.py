@@ -210,7 +210,7 @@ def test_the_ui_session_expires_and_logout_ends_it(server):
 
 def websocket_handshake(url: str, headers: bytes = b"") -> tuple[bytes, bytes]:
     """An RFC 6455 upgrade by hand: (the server's response head, what followed it before the close)."""
-    sock = socket.create_connection(address(url), timeout=10)
+    sock = socket.create_connection(address(url), timeout=3)  # a refusal may leave the socket open: 3 s at most
     sock.sendall(b"GET /gradio_api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + headers + b"\r\n")
     data = b""

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from ldm_app import LdmPipeline
 from ldm_app.config import load_config
-from ldm_app.lora import LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from ldm_app.lora import LORA_FILE, save_lora
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
-from ldm_app.testing import write_toy_dataset
+from ldm_app.testing import add_random_lora, write_toy_dataset
 from ldm_app.trainer import train
 
 REFERENCE = Path(__file__).parent / "data" / "default_model_reference.safetensors"
@@ -62,14 +62,7 @@ def test_a_saved_pipeline_reloads_to_the_same_output(tmp_path, base):
 
 
 def test_a_lora_loads_changes_the_output_and_at_scale_zero_gives_the_base(tmp_path, base):
-    pipe = default_pipeline()
-    add_lora(pipe.unet, rank=4, alpha=None, targets=UNET_TARGETS)
-    add_lora(pipe.text_encoder, rank=4, alpha=None, targets=TEXT_ENCODER_TARGETS)
-    g = torch.Generator().manual_seed(1)
-    for model in (pipe.unet, pipe.text_encoder):
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # B starts at zero; give it weight so the adapter changes something
-                p.data = torch.randn(p.shape, generator=g) * 0.05
+    pipe = add_random_lora(default_pipeline(), text_encoder=True, std=0.05)
     with_lora = sample(pipe)
     save_lora(pipe.unet, pipe.text_encoder, tmp_path)
 

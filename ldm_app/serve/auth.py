@@ -54,7 +54,9 @@ class Sessions:
 
     def valid(self, token: str) -> bool:
         expires, _, signature = token.partition(".")
-        if not expires.isdigit() or int(expires) < time.time() or token in self.revoked:
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):  # int() takes "²" or 10⁴ digits badly
+            return False
+        if int(expires) < time.time() or token in self.revoked:
             return False
         return same_secret(signature.encode("latin-1", "replace"), self._sign(int(expires)).encode())
 

@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from .connections import deadline_protocol
+from .queue import JobQueue
 from .settings import Settings
 from .tempfiles import UploadSweeper, private_temp_folder
 
@@ -24,7 +25,7 @@ GRACEFUL_SHUTDOWN = 5  # s uvicorn waits for responses in flight after SIGTERM b
 class Server(uvicorn.Server):
     """uvicorn's server, whose shutdown first tells the queue (so waiting requests end now, with a 503)."""
 
-    def __init__(self, config: uvicorn.Config, queue: Any):
+    def __init__(self, config: uvicorn.Config, queue: JobQueue):
         super().__init__(config)
         self.queue = queue
 
@@ -56,8 +57,12 @@ def serve(model: str, loras: list[str], host: str, port: int, settings: Settings
     from .app import create_app
     from .engine import Engine
 
-    engine = Engine.load(model, list(loras), lora_dir, device, dtype, variant)
-    app = create_app(engine, settings)
+    try:
+        engine = Engine.load(model, list(loras), lora_dir, device, dtype, variant)
+        app = create_app(engine, settings)
+    except BaseException:  # a model that cannot be loaded, Ctrl-C while loading: no folder left behind
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     sweeper = UploadSweeper(temp)
     app.router.on_startup.append(sweeper.start)
     app.router.on_shutdown.append(sweeper.stop)
