@@ -42,7 +42,7 @@ def run(engine: str, prompts: Path, out: Path, args: argparse.Namespace) -> tupl
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"{engine} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    done = sorted(p.stat().st_mtime for p in (out / ".records").glob("*.json"))
+    done = sorted(p.stat().st_mtime for p in (out / ".records").glob("[0-9]*.json"))
     first = done[args.batch - 1]  # the end of the first batch
     return (len(done) - args.batch) / max(done[-1] - first, 1e-9), wall
 
