@@ -33,7 +33,8 @@ import torch
 from ldm_app import LdmPipeline
 from ldm_app.atomic import atomic_write
 from ldm_app.encoders import module_fingerprint
-from ldm_app.evaluation import frechet_distance, load_clip, psnr, r_precision
+from ldm_app.default_clip import load_clip
+from ldm_app.evaluation import frechet_distance, psnr, r_precision
 from ldm_app.samplers import make_scheduler
 
 HERE = Path(__file__).resolve().parent

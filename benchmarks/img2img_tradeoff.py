@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm_app import LdmPipeline
-from ldm_app.evaluation import load_clip, psnr
+from ldm_app.default_clip import load_clip
+from ldm_app.evaluation import psnr
 from ldm_app.images import decode_image
 
 HERE = Path(__file__).resolve().parent

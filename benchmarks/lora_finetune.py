@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 
 from ldm_app import LdmPipeline
-from ldm_app.evaluation import load_clip
+from ldm_app.default_clip import load_clip
 from ldm_app.lora import LORA_FILE
 
 HERE = Path(__file__).resolve().parent

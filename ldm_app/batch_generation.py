@@ -11,7 +11,6 @@ by one process, so it never holds a partial or duplicate row.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -21,11 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write
+from .request import GenerationRequest
 
 if TYPE_CHECKING:
     import PIL.Image
-
-    from .pipeline import LdmPipeline
 
 METADATA, RECORDS, JOB = "metadata.jsonl", ".records", ".job.json"  # in the output folder
 # what a row may set for its own images (the other columns are copied into metadata.jsonl as they are)
@@ -44,11 +42,6 @@ class Item:
     @property
     def file_name(self) -> str:
         return f"{self.index:08d}.png"
-
-    def batch_key(self) -> tuple:
-        """Items with equal keys can share one pipeline call."""
-        f = self.fields
-        return f["steps"], f["guidance"], f["eta"], f["sampler"], f["width"], f["height"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +149,10 @@ def make_items(rows: list[dict[str, Any]], defaults: dict[str, Any], seed: int, 
             index = len(items)
             item_seed = row["seed"] + k if row.get("seed") is not None else seed + index
             items.append(Item(index, fields | {"seed": item_seed}, extra))
+            try:  # the request's own rules, before any model loads (the model's are checked when it has)
+                GenerationRequest(**items[-1].fields).checked()
+            except ValueError as err:
+                raise ValueError(f"row {n + 1}: {err}; fix the row or the option that sets it.") from None
     return items
 
 
@@ -230,11 +227,11 @@ def job_fingerprint(items: list[Item]) -> str:
 
 
 class Painter:
-    """A loaded pipeline that turns items into PNG files' bytes (with their parameters) and metadata records. One
-    per process, or one per Ray actor."""
+    """A loaded pipeline that turns items into PNG files' bytes (with their parameters) and metadata records, through
+    the library's one image loop (`generation.generate_images`). One per process, or one per Ray actor."""
 
     def __init__(self, settings: Settings, device: str | None = None) -> None:
-        from .loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
+        from .loading import dtype_name, load_loras, load_pipeline, model_record, pick_device, pick_dtype
         from .threads import use_threads
 
         use_threads(settings.threads)
@@ -242,58 +239,36 @@ class Painter:
         weights_dtype = pick_dtype(settings.dtype, dev)
         self.pipe = load_pipeline(settings.model, dev, weights_dtype, settings.variant)
         self.pipe.set_progress_bar_config(disable=True)
-        apply_loras(self.pipe, settings.loras)
+        self.adapters = load_loras(self.pipe, settings.loras)
         self.settings = settings
         self.recorded = {"model": model_record(settings.model), "dtype": dtype_name(weights_dtype),
                          "loras": list(settings.loras)}
 
-    def resolved(self, item: Item) -> Item:
-        """The item with the model's native size filled in and its values checked against the model."""
-        f = item.fields
-        size = self.pipe.default_size
-        f = f | {"width": f["width"] or size, "height": f["height"] or size}
-        self.pipe.check_inputs(f["prompt"], f["negative_prompt"], f["height"], f["width"], f["steps"], f["guidance"])
-        return dataclasses.replace(item, fields=f)
+    def request(self, item: Item) -> GenerationRequest:
+        """The item's one-image request, checked against the model, its native size filled in."""
+        return GenerationRequest(**item.fields, **self.recorded).resolved(self.pipe)
 
     def __call__(self, items: list[Item]) -> list[tuple[bytes, dict[str, Any]]]:
-        items = [self.resolved(item) for item in items]
-        images = draw(self.pipe, items, self.settings.batch_size)
-        return [(self.png(item, image), {"file_name": item.file_name, "prompt": item.fields["prompt"], **item.fields,
-                                         **item.extra})
-                for item, image in zip(items, images)]
+        from .generation import generate_images
 
-    def png(self, item: Item, image: PIL.Image.Image) -> bytes:
-        from .png_metadata import GenerationParams, png_info
-
-        f = item.fields
-        params = GenerationParams(f["prompt"], f["negative_prompt"], f["steps"], f["guidance"], f["eta"],
-                                  f["sampler"], f["seed"], f["width"], f["height"], **self.recorded)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=png_info(params))
-        return buffer.getvalue()
+        requests = [self.request(item) for item in items]
+        images = generate_images(self.pipe, requests, self.settings.batch_size, self.adapters)
+        return [(png(image, request), record(item, request)) for item, request, (image,) in zip(items, requests, images)]
 
 
-def draw(pipe: LdmPipeline, items: list[Item], batch_size: int) -> list[PIL.Image.Image]:
-    """The image of each item, in pipeline calls of at most `batch_size` items sharing their settings; each image
-    from its own CPU generator seeded with the item's seed."""
-    import torch
+def png(image: PIL.Image.Image, request: GenerationRequest) -> bytes:
+    """The PNG file of one image, with its parameters (as every ldm-app PNG)."""
+    from .png_metadata import png_info
 
-    from .samplers import make_scheduler
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(request))
+    return buffer.getvalue()
 
-    images: dict[int, PIL.Image.Image] = {}
-    groups: dict[tuple, list[Item]] = {}
-    for item in items:
-        groups.setdefault(item.batch_key(), []).append(item)
-    base = dict(pipe.scheduler.config)
-    for (steps, guidance, eta, sampler, width, height), group in groups.items():
-        pipe.scheduler = make_scheduler(sampler, base)
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            out = pipe([i.fields["prompt"] for i in chunk], negative_prompt=[i.fields["negative_prompt"] for i in chunk],
-                       height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, eta=eta,
-                       generator=[torch.Generator().manual_seed(i.fields["seed"]) for i in chunk])
-            images.update((i.index, image) for i, image in zip(chunk, out.images))
-    return [images[item.index] for item in items]
+
+def record(item: Item, request: GenerationRequest) -> dict[str, Any]:
+    """The item's row of metadata.jsonl: its file, its settings as drawn, the row's other columns."""
+    fields = {name: getattr(request, name) for name in ROW_FIELDS}
+    return {"file_name": item.file_name, **fields, **item.extra}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,6 +283,16 @@ def pending_batches(items: list[Item], out: OutputFolder, size: int) -> list[lis
     number of processes and after any interruption."""
     fixed = [items[start:start + size] for start in range(0, len(items), size)]
     return [batch for batch in fixed if not all(out.done(item) for item in batch)]
+
+
+def check_space(out: OutputFolder, painter: Painter, items: list[Item]) -> None:
+    """Refuse before drawing when the disk cannot hold the images still to come (sized as the first one)."""
+    from .outputs import png_bytes, require_free_space
+
+    request = painter.request(items[0])
+    what = f"{len(items)} images of {request.width}x{request.height}"
+    require_free_space(out.folder, png_bytes(len(items), request.width, request.height), what,
+                       "free some space or choose another --output")
 
 
 def run_local(items: list[Item], output: str | os.PathLike, settings: Settings, progress: bool = True) -> Path | None:
@@ -331,6 +316,7 @@ def run_local(items: list[Item], output: str | os.PathLike, settings: Settings, 
     mine = pending[state.process_index::state.num_processes]
     if mine:
         painter = Painter(settings, str(state.device) if state.num_processes > 1 else None)
+        check_space(out, painter, [item for batch in pending for item in batch])
         with tqdm(total=sum(map(len, mine)), unit="img", desc="Generating",
                   disable=not (progress and state.is_local_main_process)) as bar:
             for batch in mine:

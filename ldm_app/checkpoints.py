@@ -34,6 +34,8 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LRScheduler
 
+from .outputs import require_free_space as require_disk_space
+
 MANIFEST, STATE, EMA_WEIGHTS = "manifest.json", "trainer_state.json", "ema.safetensors"
 LOCK, CHECKPOINTS = ".lock", "checkpoints"  # in the run folder
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -119,10 +121,8 @@ def require_free_space(folder: Path, trained: list[torch.nn.Module], exported: l
     trainable = sum(_nbytes(p for p in m.parameters() if p.requires_grad) for m in trained)
     needed = sum(_nbytes(m.state_dict().values()) for m in trained + exported) + 3 * trainable
     folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise TrainingError(f"{folder} has {free / 2**20:.0f} MiB free, but a checkpoint and the export need about "
-                            f"{needed / 2**20:.0f} MiB; free some space or set train.output_dir to a larger disk.")
+    require_disk_space(folder, needed, "a checkpoint and the export",
+                       "free some space or set train.output_dir to a larger disk", TrainingError)
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -12,8 +12,10 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .components import load_text_encoder, load_tokenizer, load_vae
+from .components import freeze, load_text_encoder, load_tokenizer, load_vae
 from .config import ModelConfig
+from .loading import load_model
+from .single_file import is_single_file
 
 
 def pipeline_subfolder(path: str, subfolder: str | None, component: str) -> str | None:
@@ -42,14 +44,25 @@ class Encoders:
 
     @classmethod
     def load(cls, m: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "Encoders":
-        """The encoders a model config names (folders or hub ids; a pipeline folder's subfolders by default)."""
-        vae = load_vae(m.vae, pipeline_subfolder(m.vae, m.vae_subfolder, "vae"), dtype).to(device)
-        text_encoder = load_text_encoder(m.text_encoder, pipeline_subfolder(
-            m.text_encoder, m.text_encoder_subfolder, "text_encoder"), dtype).to(device)
+        """The encoders a model config names: folders or hub ids (a pipeline folder's subfolders by default), or
+        single-file checkpoints, loaded as every command loads them (`ldm_app.loading.load_model`)."""
         tok_path = m.tokenizer or m.text_encoder
-        tokenizer = load_tokenizer(tok_path, pipeline_subfolder(
-            tok_path, m.tokenizer_subfolder if m.tokenizer else None, "tokenizer"))
-        return cls(vae, tokenizer, text_encoder)
+        files = {path: load_model(path) for path in {m.vae, m.text_encoder, tok_path} if is_single_file(path)}
+        if m.vae in files:
+            vae = freeze(files[m.vae].vae.to(dtype=dtype or files[m.vae].vae.dtype))
+        else:
+            vae = load_vae(m.vae, pipeline_subfolder(m.vae, m.vae_subfolder, "vae"), dtype)
+        if m.text_encoder in files:
+            text_encoder = freeze(files[m.text_encoder].text_encoder.to(dtype=dtype or torch.float32))
+        else:
+            text_encoder = load_text_encoder(m.text_encoder, pipeline_subfolder(
+                m.text_encoder, m.text_encoder_subfolder, "text_encoder"), dtype)
+        if tok_path in files:
+            tokenizer = files[tok_path].tokenizer
+        else:
+            tokenizer = load_tokenizer(tok_path, pipeline_subfolder(
+                tok_path, m.tokenizer_subfolder if m.tokenizer else None, "tokenizer"))
+        return cls(vae.to(device), tokenizer, text_encoder.to(device))
 
     @property
     def scaling_factor(self) -> float:

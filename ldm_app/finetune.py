@@ -10,22 +10,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
-import torch
 
 from .atomic import atomic_folder, atomic_write
 from .config import Config, DataConfig, LoraTrainConfig, ModelConfig, TrainConfig, validate_config
 from .extras import require_extra
+from .generation import generate_images
 from .hub import share_export
 from .images import IMAGE_EXTENSIONS, decode_image
 from .loading import DEFAULT_MODEL, load_pipeline, pick_device, pick_dtype
 from .lora import KOHYA_FILE, LORA_FILE
 from .objective import objective_of
 from .pipeline import DEFAULT_MODEL_DIR, LdmPipeline
+from .request import GenerationRequest
 
 Note = Callable[[str], None]
 
@@ -99,26 +101,35 @@ def stage_photos(photos: list[tuple[Path, str]], data_dir: Path, resolution: int
 def write_class_images(pipe: LdmPipeline, data_dir: Path, class_prompts: list[str], count: int, seed: int) -> None:
     """DreamBooth prior preservation: the base model's own images of the class (the class prompts in turn),
     trained on beside the photos so that the class keeps its look."""
-    for i in range(count):
-        prompt = class_prompts[i % len(class_prompts)]
-        image = pipe(prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(seed + i)).images[0]
+    requests = [GenerationRequest(class_prompts[i % len(class_prompts)], sampler=None, seed=seed + i)
+                for i in range(count)]
+    for i, (request, (image,)) in enumerate(zip(requests, generate_images(pipe, requests))):
         image.save(data_dir / f"class-{i:04d}.png")
-        (data_dir / f"class-{i:04d}.txt").write_text(prompt, encoding="utf-8")
+        (data_dir / f"class-{i:04d}.txt").write_text(request.prompt, encoding="utf-8")
 
 
-def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, seeds=(0, 1, 2, 3)) -> None:
-    """Row 1: the base model; row 2: with the new LoRA; same prompt and seeds; each row labelled on its left."""
+def before_after_grid(model: str, lora_dir: Path, prompt: str, path: Path, images: int = 4) -> None:
+    """Row 1: the base model; row 2: with the new LoRA; same prompt and seeds (0, 1, …); rows labelled on the left."""
     from diffusers.utils import make_image_grid
 
     device = pick_device("auto")
     pipe = load_pipeline(model, device, pick_dtype("auto", device))
     pipe.set_progress_bar_config(disable=True)
-    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    before = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
+    request = GenerationRequest(prompt, sampler=None, seed=0, n=images)
+    [before] = generate_images(pipe, [request])
     pipe.load_lora_weights(lora_dir / LORA_FILE)
-    after = pipe([prompt] * len(seeds), num_inference_steps=25, generator=gens()).images
+    [after] = generate_images(pipe, [request])
     with atomic_write(path) as tmp:
-        label_rows(make_image_grid(before + after, rows=2, cols=len(seeds)), ["before", "after"]).save(tmp)
+        label_rows(make_image_grid(before + after, rows=2, cols=images), ["before", "after"]).save(tmp)
+
+
+def remove_paths(paths: list[Path]) -> None:
+    """Remove the files and folders a failed start created."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def label_rows(grid: PIL.Image.Image, labels: list[str]) -> PIL.Image.Image:
@@ -152,6 +163,7 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
     `progress=False` (--quiet) hides the progress bars.
     """
     require_extra("train")
+    from .checkpoints import CHECKPOINTS, checkpoints
     from .trainer import TrainingError, train
 
     photos_dir, output = Path(photos_dir), Path(output)
@@ -190,23 +202,30 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
         raise ValueError(f"--push-to-hub {push_to_hub}: name the repo as owner/name.")
 
     # 2. Stage the photos (and class images) as captioned RGB PNGs in the run folder; the folder appears whole
-    # or not at all, so an interrupted run never resumes on part of the photos
-    if not (resume and data_dir.is_dir()):
-        photos = find_photos(photos_dir, prompt, note)
-        if not photos:
-            raise ValueError(f"No usable image in {photos_dir}; add jpg/png/webp/bmp photos.")
-        with atomic_folder(data_dir) as staging:
-            stage_photos(photos, staging, resolution, note)
-            if class_prompts:
-                note(f"generating {num_class_images} class images for prior preservation")
-                write_class_images(base, staging, list(class_prompts), num_class_images, seed)
-    del base  # the trainer loads its own copy
-
-    # 3. Train LoRA adapters with the shared trainer
+    # or not at all, so an interrupted run never resumes on part of the photos. A run that fails before its
+    # first checkpoint leaves nothing behind: there is nothing to resume.
+    existed, fresh = output.exists(), not output.exists() or not any(output.iterdir())
     try:
-        lora_file = train(config, progress=progress)
-    except TrainingError as err:
-        raise ValueError(str(err)) from None
+        if not (resume and data_dir.is_dir()):
+            photos = find_photos(photos_dir, prompt, note)
+            if not photos:
+                raise ValueError(f"No usable image in {photos_dir}; add jpg/png/webp/bmp photos.")
+            with atomic_folder(data_dir) as staging:
+                stage_photos(photos, staging, resolution, note)
+                if class_prompts:
+                    note(f"generating {num_class_images} class images for prior preservation")
+                    write_class_images(base, staging, list(class_prompts), num_class_images, seed)
+        del base  # the trainer loads its own copy
+
+        # 3. Train LoRA adapters with the shared trainer
+        try:
+            lora_file = train(config, progress=progress)
+        except TrainingError as err:
+            raise ValueError(str(err)) from None
+    except BaseException:
+        if fresh and not checkpoints(output / CHECKPOINTS):
+            remove_paths(list(output.iterdir()) if existed else [output])
+        raise
 
     # 4. Before/after grid for the trained prompt
     grid = output / "before_after.png"

@@ -6,7 +6,7 @@
 - `make_portable`: writes ldm_app's pipeline and UNet code into a pipeline folder and points model_index.json
   at it, the layout diffusers' custom-code loading reads, so `DiffusionPipeline.from_pretrained(folder,
   trust_remote_code=True)` works where ldm_app is not installed. ldm_app itself keeps loading its own classes
-  (`native_index`).
+  (`ldm_app.pipeline_loaders.native_index`).
 - `push_to_hub`: `HfApi.create_repo` + `upload_folder`.
 """
 
@@ -28,10 +28,9 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .atomic import atomic_write
 from .loading import looks_local
+from .pipeline_loaders import PIPELINE_MODULE, UNET_MODULE
 
 PACKAGE_DIR = Path(__file__).parent
-PIPELINE_MODULE = "pipeline"  # pipeline.py in the folder: model_index.json's `_class_name` names it
-UNET_MODULE = "unet"  # unet/unet.py in the folder; model_index.json's unet entry names it
 CARD_TAGS = {"pipeline": ["text-to-image", "diffusers", "diffusers-training", "ldm-app"],
              "lora": ["text-to-image", "diffusers", "diffusers-training", "lora", "ldm-app"]}
 
@@ -191,8 +190,8 @@ def make_portable(folder: str | os.PathLike) -> Path:
     Writes diffusers' custom-code layout: `pipeline.py` (ldm_app's pipeline module with the ldm_app modules it
     imports, `bundle_source`: a Hub download fetches only this one file of pipeline code) and `unet/unet.py`
     (the UNet module, bundled the same way), and points model_index.json at them. ldm_app itself goes
-    on loading its own classes (`native_index`). model_index.json is written last: an interrupted call leaves a
-    folder that still loads in ldm_app.
+    on loading its own classes (`pipeline_loaders.native_index`). model_index.json is written last: an
+    interrupted call leaves a folder that still loads in ldm_app.
     """
     folder = Path(folder)
     index = _read_index(folder)
@@ -210,15 +209,6 @@ def make_portable(folder: str | os.PathLike) -> Path:
     with atomic_write(folder / "model_index.json") as tmp:
         tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return folder
-
-
-def native_index(index: dict[str, Any]) -> dict[str, Any]:
-    """model_index.json as ldm_app reads it: a portable folder's entries for its code copies (which only plain
-    diffusers needs, and only with trust_remote_code) replaced by ldm_app's own classes. Other folders pass."""
-    if index.get("_class_name") != [PIPELINE_MODULE, "LdmPipeline"]:
-        return index
-    return {**{k: ["ldm_app.unet", "LdmUNet"] if v == [UNET_MODULE, "LdmUNet"] else v for k, v in index.items()},
-            "_class_name": "LdmPipeline"}
 
 
 # ----------------------------------------------------------------------------------------------------------

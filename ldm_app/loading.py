@@ -1,11 +1,15 @@
-"""Choosing a device and dtype and loading a model by the name a user gives (`default`, a folder, a hub id),
-with errors that say what to pass instead. The CLI, the fine-tuning entry point and the server share it."""
+"""The one place a model is loaded: the name a user gives (`default`, a pipeline folder, its fp16 variant, a
+single-file checkpoint, a hub id) → an `LdmPipeline` on a device, with errors that say what to pass instead.
+Every command, the server and the trainer's frozen encoders load through here."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .request import DTYPES
 
 if TYPE_CHECKING:  # torch and the pipeline are imported when a model is loaded: `ldm-app --help` stays fast
     import torch
@@ -13,7 +17,6 @@ if TYPE_CHECKING:  # torch and the pipeline are imported when a model is loaded:
     from .pipeline import LdmPipeline
 
 DEFAULT_MODEL = "default"  # the embedded model that ships inside the package
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names users type → torch dtype names
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -59,6 +62,48 @@ def model_record(model: str) -> str:
     return str(path.resolve()) if model != DEFAULT_MODEL and path.exists() else model
 
 
+def trusted_model(model: str) -> bool:
+    """Whether a model named by a file someone else made (a PNG, an inversion) may be loaded without asking: the
+    default model or a folder on this machine, never a hub id (a download) or a file to convert."""
+    return model == DEFAULT_MODEL or Path(model).expanduser().is_dir()
+
+
+def _variants(folder: Path) -> set[str]:
+    """Weight-file variants in a pipeline folder (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`
+    → 'fp16'); '' stands for plain weights (`model.safetensors`, `model-00001-of-00002.safetensors`)."""
+    names = [f.name.split(".") for f in folder.glob("*/*.safetensors")]
+    return {parts[1].split("-")[0] if len(parts) == 3 else "" for parts in names}
+
+
+def load_model(spec: str | os.PathLike, variant: str | None = None, torch_dtype: torch.dtype | None = None,
+               **kwargs: Any) -> LdmPipeline:
+    """What `--model` names, loaded: 'default' (the shipped model), a single-file `.safetensors` checkpoint, a
+    pipeline folder (`variant="fp16"` for folders of `*.fp16.safetensors` files) or a hub id."""
+    from .pipeline import LdmPipeline
+    from .single_file import is_single_file
+
+    dtype_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if str(spec) == DEFAULT_MODEL:
+        return LdmPipeline.from_default(**dtype_kwargs, **kwargs)
+    path = Path(spec).expanduser()
+    if is_single_file(path):
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} is for pipeline folders; a single file has one set of weights. "
+                             "Drop the variant.")
+        return LdmPipeline.from_single_file(path, torch_dtype=torch_dtype)
+    if path.is_dir():
+        variants = _variants(path)
+        named = sorted(variants - {""})
+        if variant is None and named and "" not in variants:
+            raise ValueError(f"{path} holds only {'/'.join(named)} variant weights; pass variant={named[0]!r} "
+                             f"(--variant {named[0]}).")
+        if variant is not None and variant not in variants:
+            raise ValueError(f"{path} has no {variant!r} variant weights (*.{variant}.safetensors); "
+                             f"{'variants there: ' + ', '.join(named) if named else 'drop the variant'}.")
+        return LdmPipeline.from_pretrained(path, variant=variant, **dtype_kwargs, **kwargs)
+    return LdmPipeline.from_pretrained(str(spec), variant=variant, **dtype_kwargs, **kwargs)  # a hub id
+
+
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant: str | None = None) -> LdmPipeline:
     """The embedded default model, a pipeline folder (its `variant` weights, e.g. fp16), a single-file SD-1.x
     checkpoint or a hub id, on `device` in `dtype`."""
@@ -67,8 +112,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant:
     from safetensors import SafetensorError
     from transformers.utils import logging as tlogging
 
-    from .pipeline import cast_quietly
-    from .single_file import load_model
+    from .pipeline_loaders import cast_quietly
 
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
@@ -99,25 +143,27 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, variant:
     return pipe
 
 
-def apply_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> None:
-    """Load each LoRA as its own adapter and activate them all with their scales."""
-    from .lora import split_lora_spec
+def load_loras(pipe: LdmPipeline, specs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Load each LoRA ("PATH[:SCALE]": a file, a folder or a hub id) as its own adapter, inactive until a request
+    names it (`generation.activate_loras`); returns PATH → adapter name."""
+    from .lora_tags import split_lora_spec
 
-    names, scales = [], []
-    for i, spec in enumerate(specs):
-        path, scale = split_lora_spec(spec)
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        path, _ = split_lora_spec(spec)
+        if path in adapters:
+            continue
         local = Path(path).expanduser()
         if not local.exists() and (path.endswith(".safetensors") or looks_local(path)):
             raise ValueError(f"--lora {path}: no such file or folder; pass a LoRA .safetensors file, a folder with "
                              "one, or a hub id.")
+        name = f"lora_{len(adapters)}"
         try:
-            pipe.load_lora_weights(str(local) if local.exists() else path, adapter_name=f"lora_{i}")
+            pipe.load_lora_weights(str(local) if local.exists() else path, adapter_name=name)
         except (ValueError, OSError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             question = " Was it made for this model?" if isinstance(err, RuntimeError) or "matches no module" in reason \
                 else ""  # RuntimeError: tensor shapes of another model
             raise ValueError(f"Cannot load LoRA {path}: {reason.rstrip('.')}.{question}") from None
-        names.append(f"lora_{i}")
-        scales.append(scale)
-    if names:
-        pipe.set_adapters(names, scales)
+        adapters[path] = name
+    return adapters

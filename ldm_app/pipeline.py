@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -25,20 +22,17 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
-from diffusers.utils.peft_utils import get_adapter_name
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .images import decode_image
-from .lora import from_kohya, is_kohya, load_text_encoder_lora, quiet_lora_loading, read_lora_file
+from .pipeline_loaders import DEFAULT_MODEL_DIR, LdmLoadersMixin, cast_quietly  # noqa: F401 (re-exported)
+from .ranges import check_guidance, check_size, check_steps
 from .samplers import max_inference_steps
 from .unet import LdmUNet
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-MAX_SIZE = 4096  # pixels per side: far past any SD-1.x model, and still a bounded amount of memory
-_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only")
 OutputType = Literal["pil", "np", "pt", "latent"]
 ImageInput = PIL.Image.Image | list[PIL.Image.Image]
 StepCallback = Callable[["LdmPipeline", int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -59,7 +53,7 @@ def classifier_free_guidance(noise_uncond: torch.Tensor, noise_text: torch.Tenso
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
-class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class LdmPipeline(LdmLoadersMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """VAE + CLIP text encoder + UNet (`LdmUNet` or `UNet2DConditionModel`) + scheduler.
 
     `pipe("a cat").images[0]` samples an image; `pipe("a cat", image=photo, strength=0.6)` redraws a picture
@@ -87,79 +81,6 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                                 do_normalize=False, do_binarize=True, do_convert_grayscale=True)
 
     # ------------------------------------------------------------------------------------------------------
-    # Loading
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "LdmPipeline":
-        """Load a pipeline folder (model_index.json + component subfolders) or hub id.
-
-        A Stable-Diffusion-1.x folder loads too: its extra components (safety checker, feature extractor)
-        are skipped.
-        """
-        path = Path(pretrained_model_name_or_path)
-        if path.exists() and not (path / "model_index.json").is_file():
-            raise ValueError(
-                f"{path} is not a pipeline folder (no model_index.json); point to a folder written by "
-                "LdmPipeline.save_pretrained, a training run's 'pipeline' folder, or a hub id."
-            )
-        index = cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
-        for unused in set(index) - set(inspect.signature(cls.__init__).parameters):
-            if not unused.startswith("_"):
-                kwargs.setdefault(unused, None)  # a Stable Diffusion folder's safety checker, feature extractor, ...
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-            # diffusers loads its models in fp32 unless told otherwise, transformers 5 in the stored dtype: match
-            pipe.text_encoder.to(torch.float32)
-        return pipe
-
-    @classmethod
-    def from_single_file(cls, path: str | os.PathLike, **kwargs: Any) -> "LdmPipeline":
-        """An SD-1.x single-file checkpoint (A1111/ComfyUI .safetensors), offline: see ldm_app.single_file."""
-        from .single_file import from_single_file  # single_file imports this module
-
-        return from_single_file(path, **kwargs)
-
-    @classmethod
-    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
-        """model_index.json; a portable folder's entries for its code copies (ldm_app.hub.make_portable, for plain
-        diffusers) are swapped for ldm_app's own classes."""
-        from .hub import native_index  # hub imports lora/atomic only
-
-        config = super().load_config(*args, **kwargs)
-        return (native_index(config[0]), *config[1:]) if isinstance(config, tuple) else native_index(config)
-
-    @classmethod
-    def from_default(cls, **kwargs: Any) -> "LdmPipeline":
-        """The embedded default model that ships inside the package: offline, CPU-sized."""
-        if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-            raise ValueError(f"The embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall ldm-app "
-                             "or pass a model folder or hub id.")
-        return cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)  # shipped in fp16, loaded in fp32 unless told
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
-                          adapter_name: str | None = None, **kwargs: Any) -> None:
-        """diffusers' LoRA loading, plus local folders with pytorch_lora_weights.safetensors and kohya/A1111
-        files (`lora_unet_*` keys), which are matched against this pipeline's own module names. Text-encoder
-        adapters in local files and dicts are attached with peft directly (see `lora.attach`)."""
-        source = pretrained_model_name_or_path_or_dict
-        if not isinstance(source, dict) and Path(source).expanduser().exists():
-            source = read_lora_file(source)
-        if isinstance(source, dict) and is_kohya(source):
-            modules = {"unet": [n for n, _ in self.unet.named_modules()],
-                       "text_encoder": [n for n, _ in self.text_encoder.named_modules()]}
-            source = from_kohya(source, modules)
-        adapter_name = adapter_name or get_adapter_name(self.unet)
-        if isinstance(source, dict) and any(k.startswith("text_encoder.") for k in source):
-            prefix = "text_encoder."
-            load_text_encoder_lora(self.text_encoder, {k[len(prefix):]: v for k, v in source.items()
-                                                       if k.startswith(prefix)}, adapter_name)
-            source = {k: v for k, v in source.items() if not k.startswith(prefix)}
-            if not source:
-                return
-        with quiet_lora_loading(isinstance(source, dict)):  # a dict's text-encoder part was applied above
-            super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-
-    # ------------------------------------------------------------------------------------------------------
     # Stages
 
     @property
@@ -178,22 +99,10 @@ class LdmPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             n = len(prompt) if isinstance(prompt, list) else 1
             raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts; pass one negative prompt per "
                              "prompt, or a single string for all.")
-        factor = self.vae_scale_factor
         for name, size in (("height", height), ("width", width)):
-            if size <= 0 or size % factor:
-                raise ValueError(f"{name}={size} is not a positive multiple of the VAE factor {factor}; "
-                                 f"use e.g. {max(factor, size // factor * factor)}.")
-            if size > MAX_SIZE:
-                raise ValueError(f"{name}={size} is too large (max {MAX_SIZE}); this model's native size is "
-                                 f"{self.default_size}.")
-        limit = max_inference_steps(self.scheduler.config)
-        if not 1 <= num_inference_steps <= limit:
-            raise ValueError(f"num_inference_steps={num_inference_steps}; use 1 to {limit} steps: this model's noise "
-                             f"schedule has no more, so use at most {limit} (25–50 is typical).")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale={guidance_scale} is not a finite number; use e.g. 5 (1 = no guidance).")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (1 = no guidance, 5 is typical).")
+            check_size(name, size, self.vae_scale_factor, self.default_size)
+        check_steps("num_inference_steps", num_inference_steps, max_inference_steps(self.scheduler.config))
+        check_guidance("guidance_scale", guidance_scale)
 
     @property
     def is_inpainting_unet(self) -> bool:
@@ -598,13 +507,3 @@ def _selected(callback: StepCallback, names: tuple[str, ...], pipe: "LdmPipeline
               tensors: dict) -> dict[str, torch.Tensor]:
     """Call a user's step callback with only the tensors it asked for (`callback_on_step_end_tensor_inputs`)."""
     return callback(pipe, i, t, {k: tensors[k] for k in names})
-
-
-def cast_quietly(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
-    """`pipe.to(dtype)` without diffusers' warning that every cast gets (none of our modules need fp32)."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        return pipe.to(dtype=dtype)
-    finally:
-        logging.set_verbosity(verbosity)

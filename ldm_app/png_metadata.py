@@ -14,12 +14,9 @@ does. LoRAs go into the prompt in A1111's own syntax, and the noise is drawn on 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,40 +24,22 @@ import PIL.Image
 import PIL.PngImagePlugin
 
 from .atomic import atomic_write
-from .loading import DTYPES
-from .lora import lora_short_hash, lora_tag, split_lora_spec
+from .kohya import lora_short_hash
+from .lora_tags import lora_tag, split_lora_spec
+from .request import GenerationRequest
 from .samplers import SAMPLERS, sampler_from_a1111
 
 JSON_KEY = "ldm-app"
 A1111_KEY = "parameters"
-DTYPE_NAMES = ("auto", *DTYPES)  # the CLI's --dtype choices
-MAX_SEED = 2**63 - 1  # the CLI's --seed range
 MAX_INFOTEXT_CHARS = 65536  # parameters text read from a PNG: an A1111 infotext is a few hundred characters
 A1111_SAMPLER_FALLBACK = "ddim"  # used when an A1111 PNG names a sampler we do not have (reported as ignored)
-
-
-@dataclass
-class GenerationParams:
-    prompt: str  # the text prompt, without <lora:…> tags for the LoRAs in `loras`
-    negative_prompt: str
-    steps: int
-    guidance: float
-    eta: float  # DDIM's η (other samplers ignore it)
-    sampler: str  # a key of SAMPLERS
-    seed: int
-    width: int
-    height: int
-    model: str  # "default", a pipeline folder or a hub id
-    dtype: str = "auto"
-    loras: list[str] = dataclasses.field(default_factory=list)  # "PATH[:SCALE]", as --lora takes them
-    strength: float | None = None  # image-to-image / inpainting: the fraction of the schedule that redrew the input
-    image: str | None = None  # the input image (absolute path), and the start of its file's SHA-256
-    image_sha256: str | None = None
-    mask: str | None = None  # the inpainting mask (absolute path), and the start of its file's SHA-256
-    mask_sha256: str | None = None
-    paste_back: bool = True  # inpainting: the input's pixels pasted back outside the mask
-    mask_feather: int | None = None  # inpainting: the paste-back's feather in pixels (None: the VAE factor)
-    drawn_at: str | None = None  # "WxH" when the model drew smaller and resized up to width × height (sizes.py)
+# The JSON chunk's keys → the request's fields (one image per PNG: no `n`; the input files under their old keys)
+JSON_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "guidance": "guidance",
+               "eta": "eta", "sampler": "sampler", "seed": "seed", "width": "width", "height": "height",
+               "model": "model", "dtype": "dtype", "loras": "loras", "strength": "strength", "image": "image_path",
+               "image_sha256": "image_sha256", "mask": "mask_path", "mask_sha256": "mask_sha256",
+               "paste_back": "paste_back", "mask_feather": "mask_feather", "drawn_at": "drawn_at"}
+REQUIRED = ("prompt", "negative_prompt", "steps", "guidance", "eta", "sampler", "seed", "width", "height", "model")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,7 +58,7 @@ def lora_name(path: str) -> str:
     return p.stem if p.suffix == ".safetensors" else p.name
 
 
-def a1111_text(p: GenerationParams) -> str:
+def a1111_text(p: GenerationRequest) -> str:
     """The `parameters` text A1111 writes: prompt (with `<lora:name:weight>` tags), negative prompt, then
     `Key: value` pairs in A1111's order and spelling."""
     sampler = SAMPLERS.get(p.sampler)
@@ -105,15 +84,20 @@ def a1111_text(p: GenerationParams) -> str:
     return f"{prompt}\nNegative prompt: {p.negative_prompt}\n{line}"
 
 
-def png_info(params: GenerationParams) -> PIL.PngImagePlugin.PngInfo:
+def json_record(params: GenerationRequest) -> dict[str, Any]:
+    """ldm-app's JSON chunk: the request of one image (its own seed), its input files by path and digest."""
+    return {key: getattr(params, name) for key, name in JSON_FIELDS.items()}
+
+
+def png_info(params: GenerationRequest) -> PIL.PngImagePlugin.PngInfo:
     """The two metadata chunks every ldm-app PNG carries: A1111's `parameters` text and ldm-app's JSON."""
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(A1111_KEY, a1111_text(params))
-    info.add_text(JSON_KEY, json.dumps(dataclasses.asdict(params)))
+    info.add_text(JSON_KEY, json.dumps(json_record(params)))
     return info
 
 
-def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> None:
+def save_png(image: PIL.Image.Image, path: Path, params: GenerationRequest) -> None:
     """Write the PNG with both metadata chunks, atomically (a temp file in the same folder, then rename)."""
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(params))
@@ -123,11 +107,12 @@ def save_png(image: PIL.Image.Image, path: Path, params: GenerationParams) -> No
 # Reading
 
 
-def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
+def read_png(path: str | os.PathLike) -> tuple[GenerationRequest, list[str]]:
     """The parameters a PNG was made with, and the `Key: value` fields of an A1111 PNG that ldm-app cannot use.
 
     ldm-app's own JSON chunk wins; otherwise A1111's `parameters` text is read (see `parse_a1111`). Every value
-    is checked as the command line checks it, so a damaged or hand-edited file is a ValueError that says so.
+    is checked as every request is (`GenerationRequest.checked`), so a damaged or hand-edited file is a ValueError
+    that says so.
     """
     try:
         with PIL.Image.open(path) as image:
@@ -145,62 +130,27 @@ def read_png(path: str | os.PathLike) -> tuple[GenerationParams, list[str]]:
                      "by ldm-app generate or A1111.")
 
 
-def params_from_json(raw: str, source: str) -> GenerationParams:
-    """ldm-app's JSON chunk → checked GenerationParams."""
+def params_from_json(raw: str, source: str) -> GenerationRequest:
+    """ldm-app's JSON chunk → checked GenerationRequest."""
     try:
         stored = json.loads(raw) if len(raw) <= MAX_INFOTEXT_CHARS else None
     except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         stored = None
-    fields = dataclasses.fields(GenerationParams)
-    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [name for name in required if not isinstance(stored, dict) or name not in stored]
+    missing = [key for key in REQUIRED if not isinstance(stored, dict) or key not in stored]
     if missing:
         raise ValueError(f"{source}'s ldm-app parameters are damaged (missing {', '.join(missing)}); "
                          "pass a PNG written by ldm-app generate.")
-    return checked(GenerationParams(**{f.name: stored[f.name] for f in fields if f.name in stored}), source)
+    return checked(GenerationRequest(**{name: stored[key] for key, name in JSON_FIELDS.items() if key in stored}),
+                   source)
 
 
-def checked(p: GenerationParams, source: str) -> GenerationParams:
-    """`p` if every value is one the command line would accept; otherwise a ValueError naming the first bad one."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    def integer(x: Any, low: int, high: int | None = None) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and low <= x and (high is None or x <= high)
-
-    def text(x: Any) -> bool:  # lone surrogates (JSON's "\ud800") are not text a tokenizer or PNG can take
-        return isinstance(x, str) and x.encode("utf-8", "ignore").decode("utf-8") == x
-
-    rules = [
-        ("prompt", text(p.prompt), "a string of UTF-8 text"),
-        ("negative_prompt", text(p.negative_prompt), "a string of UTF-8 text"),
-        ("steps", integer(p.steps, 1), "a whole number ≥ 1"),
-        ("guidance", number(p.guidance) and p.guidance >= 0, "a number ≥ 0"),
-        ("eta", number(p.eta) and 0 <= p.eta <= 1, "a number from 0 to 1"),
-        ("sampler", isinstance(p.sampler, str) and p.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
-        ("seed", integer(p.seed, 0, MAX_SEED), f"a whole number from 0 to {MAX_SEED}"),
-        ("width", integer(p.width, 1), "a whole number ≥ 1"),
-        ("height", integer(p.height, 1), "a whole number ≥ 1"),
-        ("model", isinstance(p.model, str) and p.model != "", "a model folder, hub id or 'default'"),
-        ("dtype", isinstance(p.dtype, str) and p.dtype in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}"),
-        ("loras", isinstance(p.loras, list) and all(isinstance(s, str) for s in p.loras), "a list of LoRA paths"),
-        ("strength", p.strength is None or (number(p.strength) and 0 <= p.strength <= 1), "a number from 0 to 1"),
-        ("image", p.image is None or isinstance(p.image, str), "the input image's path"),
-        ("image_sha256", p.image_sha256 is None or isinstance(p.image_sha256, str), "a hex digest"),
-        ("mask", p.mask is None or isinstance(p.mask, str), "the mask's path"),
-        ("mask_sha256", p.mask_sha256 is None or isinstance(p.mask_sha256, str), "a hex digest"),
-        ("paste_back", isinstance(p.paste_back, bool), "true or false"),
-        ("mask_feather", p.mask_feather is None or integer(p.mask_feather, 0), "a whole number ≥ 0"),
-        ("drawn_at", p.drawn_at is None or (isinstance(p.drawn_at, str) and A1111_SIZE.match(p.drawn_at) is not None),
-         "WIDTHxHEIGHT"),
-    ]
-    for name, ok, expected in rules:
-        if not ok:
-            value = repr(getattr(p, name))
-            value = value if len(value) <= 40 else value[:37] + "..."
-            raise ValueError(f"{source}: {name} is {value}, expected {expected}; the PNG's parameters are "
-                             "damaged or were edited: pass a PNG written by ldm-app generate, or the options themselves.")
-    return p
+def checked(p: GenerationRequest, source: str) -> GenerationRequest:
+    """`p` if every value is one a request may have; otherwise a ValueError naming the first bad one."""
+    try:
+        return p.checked()
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}; the PNG's parameters are damaged or were edited: pass a PNG written by "
+                         "ldm-app generate, or the options themselves.") from None
 
 
 # A1111's `Key: value` grammar (modules/infotext_utils.py, `re_param`): a key of word characters, spaces, dashes
@@ -253,8 +203,8 @@ def split_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt), "\n".join(negative), fields
 
 
-def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams, list[str]]:
-    """A1111's `parameters` text → (GenerationParams, the fields not used, as `Key: value`).
+def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationRequest, list[str]]:
+    """A1111's `parameters` text → (GenerationRequest, the fields not used, as `Key: value`).
 
     Used: prompt, negative prompt, steps, sampler (+ schedule type), CFG scale, seed, size and DDIM's η. The
     prompt keeps its `<lora:name:weight>` tags (apply them with `split_lora_tags` and a LoRA folder, as A1111
@@ -281,7 +231,7 @@ def parse_a1111(text: str, source: str = "parameters") -> tuple[GenerationParams
     if size is None:
         raise ValueError(f"{source}: Size is {fields['Size']!r}, expected WIDTHxHEIGHT such as 512x512; pass a PNG "
                          "written by A1111 or ldm-app generate.")
-    params = GenerationParams(
+    params = GenerationRequest(
         prompt=prompt, negative_prompt=negative, steps=a1111_number(fields, "Steps", int, source),
         guidance=a1111_number(fields, "CFG scale", float, source), sampler=sampler,
         eta=a1111_number(fields, "Eta DDIM", float, source) if sampler == "ddim" and "Eta DDIM" in fields else 0.0,

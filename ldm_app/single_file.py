@@ -1,4 +1,4 @@
-"""Loading what users already have: single-file checkpoints, fp16-variant folders, the default model, hub ids.
+"""Single-file checkpoints → pipeline components (`LdmPipeline.from_single_file` builds the pipeline from them).
 
 A1111 and ComfyUI users hold one `.safetensors` in the original CompVis/LDM key layout (`model.diffusion_model.*`,
 `first_stage_model.*`, `cond_stage_model.transformer.*`). diffusers converts such files (`from_single_file`), but
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors import SafetensorError, safe_open
-
-from .pipeline import LdmPipeline, cast_quietly
 
 SD_V1_CONFIG = Path(__file__).parent / "sd_configs" / "v1"
 SUPPORTED = "Stable Diffusion 1.x (v1-4, v1-5 and their fine-tunes, e.g. A1111/Civitai .safetensors files)"
@@ -74,12 +71,13 @@ def check_single_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def from_single_file(path: str | os.PathLike, config: str | os.PathLike | None = None,
-                     torch_dtype: torch.dtype | None = None) -> LdmPipeline:
-    """An `LdmPipeline` from an SD-1.x single-file checkpoint, offline.
+def single_file_components(path: str | os.PathLike, config: str | os.PathLike | None = None,
+                           torch_dtype: torch.dtype | None = None) -> dict[str, torch.nn.Module | object]:
+    """The vae, text_encoder, tokenizer, unet and scheduler of an SD-1.x single-file checkpoint, offline.
 
     diffusers converts the weights; `config` is a diffusers-format folder with the component configs and the
-    tokenizer (default: the shipped SD-1.x one; a test passes the folder of a tiny model). fp32 unless `torch_dtype`.
+    tokenizer (default: the shipped SD-1.x one; a test passes the folder of a tiny model). Stored dtype unless
+    `torch_dtype`.
     """
     from diffusers import StableDiffusionPipeline  # imported here: it pulls in transformers' image processors
 
@@ -95,39 +93,10 @@ def from_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path} is incomplete or damaged ({reason}); a single-file checkpoint must hold the whole "
                          "SD-1.x model, as A1111's model files do: download it again.") from None
-    pipe = LdmPipeline(**{name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet",
-                                                                 "scheduler")})
-    return pipe if torch_dtype is not None else cast_quietly(pipe, torch.float32)  # files are often fp16: slow on CPUs
+    return {name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
 
 
-def _variants(folder: Path) -> set[str]:
-    """Weight-file variants in a pipeline folder (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`
-    → 'fp16'); '' stands for plain weights (`model.safetensors`, `model-00001-of-00002.safetensors`)."""
-    names = [f.name.split(".") for f in folder.glob("*/*.safetensors")]
-    return {parts[1].split("-")[0] if len(parts) == 3 else "" for parts in names}
-
-
-def load_model(spec: str | os.PathLike, variant: str | None = None, torch_dtype: torch.dtype | None = None,
-               **kwargs: Any) -> LdmPipeline:
-    """What `--model` names, loaded: 'default' (the shipped model), a single-file `.safetensors` checkpoint, a
-    pipeline folder (`variant="fp16"` for folders of `*.fp16.safetensors` files) or a hub id."""
-    dtype_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    if str(spec) == "default":
-        return LdmPipeline.from_default(**dtype_kwargs, **kwargs)
+def is_single_file(spec: str | os.PathLike) -> bool:
+    """Whether a model name means a single-file checkpoint (checked further by `check_single_file`)."""
     path = Path(spec).expanduser()
-    if path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES) or path.is_file():
-        if variant is not None:
-            raise ValueError(f"variant={variant!r} is for pipeline folders; a single file has one set of weights. "
-                             "Drop the variant.")
-        return from_single_file(path, torch_dtype=torch_dtype)
-    if path.is_dir():
-        variants = _variants(path)
-        named = sorted(variants - {""})
-        if variant is None and named and "" not in variants:
-            raise ValueError(f"{path} holds only {'/'.join(named)} variant weights; pass variant={named[0]!r} "
-                             f"(--variant {named[0]}).")
-        if variant is not None and variant not in variants:
-            raise ValueError(f"{path} has no {variant!r} variant weights (*.{variant}.safetensors); "
-                             f"{'variants there: ' + ', '.join(named) if named else 'drop the variant'}.")
-        return LdmPipeline.from_pretrained(path, variant=variant, **dtype_kwargs, **kwargs)
-    return LdmPipeline.from_pretrained(str(spec), variant=variant, **dtype_kwargs, **kwargs)  # a hub id
+    return path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES) or path.is_file()

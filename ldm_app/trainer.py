@@ -30,10 +30,15 @@ from .components import UNet, load_unet
 from .config import Config, TrainConfig, save_config, validate_config
 from .distributed import check_distributed, describe
 from .encoders import Encoders, pipeline_subfolder
+from .generation import generate_images
 from .hub import make_portable, push_to_hub, share_export, write_model_card
-from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .loading import load_model
+from .lora import KOHYA_FILE, LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
+from .lora_saving import save_lora
 from .objective import DenoisingLoss, noise_scheduler, sampling_scheduler
 from .pipeline import LdmPipeline
+from .request import GenerationRequest
+from .single_file import is_single_file
 from .unet import LdmUNet
 
 
@@ -201,8 +206,11 @@ def frozen_dtype(accelerator: Accelerator) -> torch.dtype | None:
 
 
 def build_unet(config: Config, cross_attention_dim: int, latent_channels: int, latent_size: int) -> UNet:
-    """A pretrained UNet (pipeline or UNet folder), or a fresh LdmUNet sized to the encoders."""
+    """A pretrained UNet (pipeline or UNet folder, single-file checkpoint), or a fresh LdmUNet sized to the
+    encoders."""
     m = config.model
+    if m.pretrained_unet and is_single_file(m.pretrained_unet):
+        return load_model(m.pretrained_unet).unet.train()
     if m.pretrained_unet:
         subfolder = pipeline_subfolder(m.pretrained_unet, m.pretrained_unet_subfolder, "unet")
         return load_unet(m.pretrained_unet, subfolder).train()
@@ -230,11 +238,9 @@ def with_ema(models: list[torch.nn.Module], ema: EMAModel | None) -> list[torch.
 def validation_grid(pipe: LdmPipeline, config: Config, path: Path) -> None:
     """Sample the validation prompts (columns) × seeds (rows) into one image, written atomically."""
     t = config.train
-    images = []
-    for seed in t.validation_seeds:
-        images += pipe(t.validation_prompts, num_inference_steps=t.validation_steps,
-                       guidance_scale=t.validation_guidance,
-                       generator=[torch.Generator().manual_seed(seed) for _ in t.validation_prompts]).images
+    requests = [GenerationRequest(prompt, steps=t.validation_steps, guidance=t.validation_guidance, sampler=None,
+                                  seed=seed) for seed in t.validation_seeds for prompt in t.validation_prompts]
+    images = [image for (image,) in generate_images(pipe, requests, batch_size=len(t.validation_prompts))]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         make_image_grid(images, rows=len(t.validation_seeds), cols=len(t.validation_prompts)).save(tmp)

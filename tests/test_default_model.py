@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import CLIPTokenizer
 
 from ldm_app import LdmPipeline
-from ldm_app.evaluation import load_clip
+from ldm_app.default_clip import load_clip
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
 
 EVALUATOR_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluator"

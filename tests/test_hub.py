@@ -15,7 +15,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from ldm_app.hub import bundle_source, make_portable, native_index, push_to_hub, share_export, write_model_card
+from ldm_app.hub import bundle_source, make_portable, push_to_hub, share_export, write_model_card
+from ldm_app.pipeline_loaders import native_index
 from ldm_app.pipeline import LdmPipeline
 from ldm_app.testing import tiny_pipeline
 from ldm_app.unet import LdmUNet

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
 from ldm_app.config import load_config
-from ldm_app.lora import KOHYA_FILE, LORA_FILE, UNET_TARGETS, add_lora, lora_state_dict, save_atomic, to_kohya
+from ldm_app.kohya import to_kohya
+from ldm_app.lora import KOHYA_FILE, LORA_FILE, UNET_TARGETS, add_lora, lora_state_dict
+from ldm_app.lora_saving import save_atomic
 from ldm_app.testing import add_random_lora, tiny_components, tiny_pipeline, write_toy_dataset
 from ldm_app.trainer import train
 

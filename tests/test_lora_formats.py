@@ -8,7 +8,9 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_app.lora import KOHYA_FILE, LORA_FILE, kohya_base_problem, lora_short_hash, save_lora
+from ldm_app.kohya import kohya_base_problem, lora_short_hash
+from ldm_app.lora import KOHYA_FILE, LORA_FILE
+from ldm_app.lora_saving import save_lora
 from ldm_app.testing import add_random_lora, tiny_pipeline
 
 
@@ -86,7 +88,7 @@ def test_kohya_for_an_ldm_unet_says_a1111_and_comfyui_cannot_apply_it(tmp_path, 
     pipe = trained_pipe("ldm", text_encoder=False)
     assert kohya_base_problem(tiny_pipeline("diffusers").unet) is None
     assert "A1111 and ComfyUI cannot load" in kohya_base_problem(pipe.unet)
-    with caplog.at_level(logging.WARNING, logger="ldm_app.lora"):
+    with caplog.at_level(logging.WARNING, logger="ldm_app.lora_saving"):
         save_lora(pipe.unet, None, tmp_path, kohya=True)
     assert "A1111 and ComfyUI cannot load" in caplog.text
     with safe_open(tmp_path / KOHYA_FILE, "pt") as f:

@@ -8,8 +8,11 @@ import PIL.PngImagePlugin
 import pytest
 import torch
 
-from ldm_app.lora import LORA_FILE, find_lora, save_atomic, split_lora_tags
-from ldm_app.png_metadata import GenerationParams, a1111_text, parse_a1111, read_png, save_png
+from ldm_app.lora import LORA_FILE
+from ldm_app.lora_saving import save_atomic
+from ldm_app.lora_tags import find_lora, split_lora_tags
+from ldm_app.png_metadata import a1111_text, parse_a1111, read_png, save_png
+from ldm_app.request import GenerationRequest
 from ldm_app.samplers import SAMPLERS
 
 # ------------------------------------------------------------------------------------------------------------
@@ -64,8 +67,8 @@ def a1111_parse_generation_parameters(x: str) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def params(**overrides) -> GenerationParams:
-    base = GenerationParams(prompt="a cat", negative_prompt="", steps=25, guidance=5.0, eta=0.0, sampler="ddim",
+def params(**overrides) -> GenerationRequest:
+    base = GenerationRequest(prompt="a cat", negative_prompt="", steps=25, guidance=5.0, eta=0.0, sampler="ddim",
                             seed=7, width=64, height=48, model="default")
     return dataclasses.replace(base, **overrides)
 
@@ -141,7 +144,7 @@ A1111_PNG_TEXT = (
 def test_an_a1111_png_reads_into_our_parameters(tmp_path):
     path = write_png(tmp_path / "a1111.png", {"parameters": A1111_PNG_TEXT})
     p, ignored = read_png(path)
-    assert p == GenerationParams(prompt="masterpiece, a cat <lora:style:0.7>", negative_prompt="lowres, bad anatomy",
+    assert p == GenerationRequest(prompt="masterpiece, a cat <lora:style:0.7>", negative_prompt="lowres, bad anatomy",
                                  steps=20, guidance=7.0, eta=0.0, sampler="dpm++-karras", seed=965400086, width=512,
                                  height=768, model="default")
     assert ignored == ["Model hash: 45dee52b", "Model: v1-5-pruned", "Clip skip: 2", "RNG: GPU",

@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_app import LdmPipeline
 from ldm_app.config import Config, TrainConfig, save_config
-from ldm_app.evaluation import load_clip
+from ldm_app.default_clip import load_clip
 from ldm_app.testing import tiny_pipeline
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "default_model"

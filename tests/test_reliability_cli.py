@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from ldm_app.cli import app
-from ldm_app.cli.generate import output_paths
+from ldm_app.outputs import output_paths
 from ldm_app.config import load_config
 from ldm_app.inversion import Inversion
 from ldm_app.testing import tiny_pipeline, write_toy_dataset

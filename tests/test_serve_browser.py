@@ -34,7 +34,8 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from ldm_app import LdmPipeline  # noqa: E402
-from ldm_app.lora import UNET_TARGETS, add_lora, lora_state_dict, save_atomic  # noqa: E402
+from ldm_app.lora import UNET_TARGETS, add_lora, lora_state_dict  # noqa: E402
+from ldm_app.lora_saving import save_atomic  # noqa: E402
 from ldm_app.serve.process import start_server, stop_server  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

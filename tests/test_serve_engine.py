@@ -15,7 +15,8 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from ldm_app.lora import lora_state_dict, save_atomic  # noqa: E402
+from ldm_app.lora import lora_state_dict  # noqa: E402
+from ldm_app.lora_saving import save_atomic  # noqa: E402
 from ldm_app.serve import Settings, create_app  # noqa: E402
 from ldm_app.serve.engine import Engine, lora_name  # noqa: E402
 from ldm_app.testing import add_random_lora, tiny_pipeline  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from ldm_app.serve.engine import Engine, ImageRequest  # noqa: E402
+from ldm_app.request import GenerationRequest  # noqa: E402
+from ldm_app.serve.engine import Engine  # noqa: E402
 from ldm_app.serve.queue import JobQueue, QueueFull  # noqa: E402
 from ldm_app.testing import tiny_pipeline  # noqa: E402
 
@@ -30,8 +31,8 @@ class GatedEngine:
         return [[r.prompt] * r.n for r in requests]
 
 
-def req(prompt: str, n: int = 1, steps: int = 2) -> ImageRequest:
-    return ImageRequest(prompt=prompt, steps=steps, n=n)
+def req(prompt: str, n: int = 1, steps: int = 2) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, steps=steps, n=n)
 
 
 @pytest.fixture
@@ -89,8 +90,8 @@ def test_cancel_frees_the_slot_and_stops_a_batch_nobody_waits_for(gated):
 def test_each_image_is_the_same_alone_or_batched_with_others():
     """Image j of a request is drawn from its own generator seeded seed + j: batching does not change it."""
     engine = Engine(tiny_pipeline(), "tiny")
-    a = ImageRequest(prompt="a red cat", seed=7, n=2, steps=3, width=32, height=32, sampler="ddim", eta=1.0)
-    b = ImageRequest(prompt="a blue dog", seed=100, n=1, steps=3, width=32, height=32, sampler="ddim", eta=1.0)
+    a = GenerationRequest(prompt="a red cat", seed=7, n=2, steps=3, width=32, height=32, sampler="ddim", eta=1.0)
+    b = GenerationRequest(prompt="a blue dog", seed=100, n=1, steps=3, width=32, height=32, sampler="ddim", eta=1.0)
     alone = engine.generate([a], max_batch=16)[0]
     together = engine.generate([b, a], max_batch=2)  # a's images land in two different pipeline calls
     for x, y in zip(alone, together[1]):

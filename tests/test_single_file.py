@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_app.pipeline import LdmPipeline, cast_quietly
-from ldm_app.single_file import SD_V1_CONFIG, checkpoint_family, from_single_file, load_model
+from ldm_app.loading import load_model
+from ldm_app.single_file import SD_V1_CONFIG, checkpoint_family
 from ldm_app.testing import tiny_pipeline
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -87,7 +88,7 @@ def test_a_single_file_checkpoint_gives_the_same_image_as_the_components_it_was_
     pipe.save_pretrained(tmp_path / "config")  # the diffusers-format configs and tokenizer of this tiny model
     save_file(to_original_layout(pipe), tmp_path / "model.safetensors")
     pipe = cast_quietly(pipe, torch.float32)
-    loaded = from_single_file(tmp_path / "model.safetensors", config=tmp_path / "config")
+    loaded = LdmPipeline.from_single_file(tmp_path / "model.safetensors", config=tmp_path / "config")
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded, LdmPipeline)
     assert {m.dtype for m in (loaded.unet, loaded.vae, loaded.text_encoder)} == {torch.float32}  # fp32 unless told
@@ -177,3 +178,30 @@ def test_load_model_dispatches_default_and_folders(tmp_path):
     assert type(load_model(tmp_path / "pipe").unet).__name__ == "LdmUNet"
     with pytest.raises(ValueError, match="is for pipeline folders"):
         load_model(tmp_path / "model.safetensors", variant="fp16")
+
+
+def test_finetune_lora_takes_a_single_file_and_a_failed_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    import shutil
+
+    from ldm_app import single_file
+    from ldm_app.finetune import finetune_lora
+    from ldm_app.lora import LORA_FILE
+    from ldm_app.testing import write_toy_dataset
+
+    pipe = tiny_pipeline("diffusers")
+    pipe.save_pretrained(tmp_path / "config")  # the tiny model's configs stand in for the shipped SD-1.x ones
+    save_file(to_original_layout(pipe), tmp_path / "base.safetensors")
+    monkeypatch.setattr(single_file, "SD_V1_CONFIG", tmp_path / "config")
+    photos = write_toy_dataset(tmp_path / "photos", n=2, layout="sidecar")
+    kwargs = dict(model=str(tmp_path / "base.safetensors"), steps=2, batch_size=2, rank=4)
+
+    # the trainer refuses to start (no room for a checkpoint) after the photos were staged and its config written
+    real = shutil.disk_usage
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=0))
+        with pytest.raises(ValueError, match="MiB free"):
+            finetune_lora(photos, tmp_path / "failed", **kwargs)
+    assert not (tmp_path / "failed").exists()
+
+    result = finetune_lora(photos, tmp_path / "lora", **kwargs)
+    assert result.lora_file == tmp_path / "lora" / LORA_FILE and result.lora_file.is_file() and result.grid.is_file()

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from ldm_app import LdmPipeline
 from ldm_app.config import load_config
-from ldm_app.lora import LORA_FILE, save_lora
+from ldm_app.lora import LORA_FILE
+from ldm_app.lora_saving import save_lora
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
 from ldm_app.testing import add_random_lora, write_toy_dataset
 from ldm_app.trainer import train

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from ..loading import DEFAULT_MODEL
+from ..loading import trusted_model
 from ..samplers import SAMPLERS
 from .batch import BATCH_EXAMPLES, batch_options, run_batch
 from .common import (UserError, device_option, dtype_option, finite, model_option, notes,
@@ -24,7 +21,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
     from ..pipeline import LdmPipeline
-    from ..png_metadata import GenerationParams
+    from ..request import GenerationRequest
 
 GENERATE_EXAMPLES = """
 
@@ -36,6 +33,9 @@ Examples:
   ldm-app generate --from rocket.png -o again.png
   ldm-app generate "a cat" --model ./my-run/pipeline --device cuda --dtype fp16
 """ + BATCH_EXAMPLES
+# The options a PNG's parameters fill in for --from (its input files are checked separately)
+RECORDED_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance", "eta", "sampler", "seed", "width", "height",
+                    "model", "dtype", "loras", "strength", "mask_feather")
 
 
 
@@ -49,15 +49,12 @@ def reuse_png(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is None:
         return None
     stored, ignored = read_params_or_fail(value)
-    defaults = dataclasses.asdict(stored)
-    model = defaults["model"]
-    if model != DEFAULT_MODEL and not Path(model).expanduser().is_dir():
+    defaults = {name: getattr(stored, name) for name in RECORDED_OPTIONS}
+    if not trusted_model(stored.model):
         ctx.meta["untrusted_model"] = defaults.pop("model")
     # the recorded inputs are checked (there and unchanged) in the command, where --image/--mask may replace them
-    ctx.meta["recorded_inputs"] = {"image_path": defaults.pop("image_sha256"), "mask_path": defaults.pop("mask_sha256")}
-    defaults.pop("drawn_at")  # made again from the size by sizes.plan_size
-    defaults |= {"image_path": defaults.pop("image"), "mask_path": defaults.pop("mask"),
-                 "no_paste_back": not defaults.pop("paste_back")}
+    ctx.meta["recorded_inputs"] = {"image_path": stored.image_sha256, "mask_path": stored.mask_sha256}
+    defaults |= {"image_path": stored.image_path, "mask_path": stored.mask_path, "no_paste_back": not stored.paste_back}
     ctx.meta["ignored"], ctx.meta["from_png"] = ignored, value
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -81,7 +78,7 @@ def check_recorded_inputs(ctx: click.Context, png: str, note: Callable[[str], No
 
 def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None) -> tuple[str, tuple[str, ...]]:
     """A1111's `<lora:name:weight>` tags out of the prompt, found in --lora-dir, added to --lora."""
-    from ..lora import find_lora, split_lora_tags
+    from ..lora_tags import find_lora, split_lora_tags
 
     text, tags = split_lora_tags(prompt)
     if tags and lora_dir is None:
@@ -140,17 +137,16 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     """Generate images for PROMPT and print the paths written (or, with --prompts, a data set)."""
     if prompts_source is not None:
         return run_batch(locals(), prompts_source, prompt_column, split, engine, push_to_hub)
-    import PIL.Image
-    import torch
-
+    from ..generation import generate_images
     from ..images import file_sha256
-    from ..threads import use_threads
-    from ..loading import apply_loras, dtype_name, load_pipeline, model_record, pick_device, pick_dtype
-    from ..png_metadata import GenerationParams, save_png
-    from ..samplers import make_scheduler
+    from ..loading import dtype_name, load_loras, load_pipeline, model_record, pick_device, pick_dtype
+    from ..outputs import claimed_outputs, image_grid, png_bytes, require_free_space
+    from ..png_metadata import save_png
+    from ..request import GenerationRequest
     from ..sizes import plan_size
+    from ..threads import use_threads
 
-    # 1. Parameters (--from has already filled in the defaults) and inputs, all checked before any work
+    # 1. The request (--from has already filled in the defaults) and its inputs, all checked before any work
     ctx, note = click.get_current_context(), notes(quiet)
     if prompt is None:
         raise UserError("No PROMPT given; pass a prompt, e.g. ldm-app generate \"a cat\" (or --from image.png).")
@@ -166,18 +162,22 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     if ctx.meta.get("ignored"):
         note(f"note: not used from the PNG: {'; '.join(ctx.meta['ignored'])}")
     check_recorded_inputs(ctx, ctx.meta.get("from_png"), note)
-    image = read_input("--image", image_path) if image_path else None
-    mask = read_input("--mask", mask_path) if mask_path else None
-    inputs = {"image": str(Path(image_path).resolve()) if image_path else None,
-              "image_sha256": file_sha256(image_path) if image_path else None,
-              "mask": str(Path(mask_path).resolve()) if mask_path else None,
-              "mask_sha256": file_sha256(mask_path) if mask_path else None,
-              "paste_back": not no_paste_back, "mask_feather": mask_feather}  # recorded in the PNG for --from
     prompt, loras = resolve_lora_tags(prompt, loras, lora_dir)
     if not prompt.strip():
         note("note: empty prompt, drawing an unconditional sample")
+    request = GenerationRequest(
+        prompt, negative_prompt, steps=steps, guidance=guidance, eta=eta, sampler=sampler, seed=seed, width=width,
+        height=height, n=num_images, loras=list(loras), strength=strength,
+        image=read_input("--image", image_path) if image_path else None,
+        mask=read_input("--mask", mask_path) if mask_path else None, paste_back=not no_paste_back,
+        mask_feather=mask_feather, model=model_record(model),
+        # the input files, recorded in the PNG for --from
+        image_path=str(Path(image_path).resolve()) if image_path else None,
+        image_sha256=file_sha256(image_path) if image_path else None,
+        mask_path=str(Path(mask_path).resolve()) if mask_path else None,
+        mask_sha256=file_sha256(mask_path) if mask_path else None).checked()
 
-    # 2. Model, sampler, sizes, output paths (all checked before any work); a run that stops early leaves no
+    # 2. Model, LoRAs, sizes, output paths (all checked before any work); a run that stops early leaves no
     # empty claimed files behind
     with claimed_outputs(output, num_images, overwrite) as paths:
         grid_path = paths[0].with_name(paths[0].stem + "-grid.png") if grid else None
@@ -186,52 +186,29 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         use_threads(threads)
         dev = pick_device(device)
         weights_dtype = pick_dtype(dtype, dev)
-        dtype = dtype_name(weights_dtype)  # as resolved, for the PNG
         pipe = load_pipeline(model, dev, weights_dtype, variant)
         pipe.set_progress_bar_config(disable=quiet, leave=False)
-        height = pipe.default_size if height is None else height
-        width = pipe.default_size if width is None else width
-        pipe.check_inputs(prompt, negative_prompt, height, width, steps, guidance)
-        plan = plan_size(width, height, pipe.default_size, pipe.vae_scale_factor)
-        if plan.resized:
-            note(f"warning: {plan.note(pipe.default_size)}")
-        check_free_space(paths[0].parent, num_images + grid, width, height)
-        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
-        apply_loras(pipe, loras)
+        request = dataclasses.replace(request.resolved(pipe), dtype=dtype_name(weights_dtype))  # as resolved
+        w, h = request.width, request.height
+        if request.drawn_at is not None:
+            note(f"warning: {plan_size(w, h, pipe.default_size, pipe.vae_scale_factor).note(pipe.default_size)}")
+        require_free_space(paths[0].parent, png_bytes(num_images + grid, w, h), f"{num_images + grid} images of "
+                           f"{w}x{h}", "free some space or choose another --output")
+        adapters = load_loras(pipe, loras)
         warn_if_truncated(pipe, prompt, note)
 
-        # 3. Sample in batches. Image i has its own CPU generator seeded with seed + i, so its noise is the same
-        # in any batch and on any device (the pixels can still differ in the last bit with batch size and hardware)
-        images = []
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
-            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-            out = pipe([prompt] * count, negative_prompt=[negative_prompt] * count, height=plan.draw_height,
-                       width=plan.draw_width,
-                       num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators, image=image,
-                       mask_image=mask, strength=strength, paste_back=not no_paste_back, mask_feather=mask_feather)
-            images += [im.resize((width, height), PIL.Image.Resampling.LANCZOS) if plan.resized else im
-                       for im in out.images]
-        if image is not None and out.input_size != (plan.draw_width, plan.draw_height):
-            w, h = out.input_size
-            note(f"note: the {w}x{h} input was resized and center-cropped to {plan.draw_width}x{plan.draw_height}")
+        # 3. Sample (image i from seed + i, in batches)
+        images = generate_images(pipe, [request], batch_size, adapters)[0]
+        if request.image is not None and request.image.size != request.draw_size:
+            note(f"note: the {request.image.width}x{request.image.height} input was resized and center-cropped to "
+                 "{}x{}".format(*request.draw_size))
 
         # 4. Write PNGs with their parameters
-        params = GenerationParams(prompt, negative_prompt, steps, guidance, eta, sampler, seed, width, height,
-                                  model_record(model), dtype, list(loras), strength=out.strength,
-                                  drawn_at=plan.drawn_at, **inputs)
-        for i, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, dataclasses.replace(params, seed=seed + i))
+        for image, path, image_seed in zip(images, paths, request.seeds):
+            save_png(image, path, request.for_image(image_seed))
             click.echo(str(path))
         if grid_path is not None:
-            from diffusers.utils import make_image_grid
-
-            cols = min(len(images), 8)
-            rows = -(-len(images) // cols)
-            blank = images[0].copy()
-            blank.paste((255, 255, 255), (0, 0, *blank.size))
-            save_png(make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols), grid_path,
-                     params)
+            save_png(image_grid(images), grid_path, request.for_image(request.seed))
             click.echo(str(grid_path))
 
 
@@ -257,82 +234,7 @@ def read_input(option: str, path: str) -> PIL.Image.Image:
         raise UserError(f"{option} {err}") from None
 
 
-def output_paths(output: str | None, count: int, overwrite: bool) -> list[Path]:
-    """Where each image goes: a file (`x.png`, or x-0.png, x-1.png … for several) or new names in a folder.
-
-    Each name is claimed at once by creating it empty with O_EXCL, so two runs writing into one folder never
-    pick the same name; the images replace their empty files atomically (`release_unwritten` removes the rest)."""
-    target = Path(output or ".").expanduser()
-    if target.suffix.lower() in {".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}:
-        raise UserError(f"--output {output}: images are written as PNG (which stores the generation parameters); "
-                        f"use {target.with_suffix('.png').name} or a folder.")
-    named = target.suffix.lower() == ".png"
-    folder = target.parent if named else target
-    if not named:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass  # reported below as not creatable
-    if not folder.is_dir():
-        raise UserError(f"Output folder {folder} does not exist or cannot be created; pick a writable --output.")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"Output folder {folder} is not writable; pick a writable --output.")
-    if named:
-        paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(count)]
-        if overwrite:
-            return paths
-        claimed = []
-        for path in paths:
-            if not claim(path):
-                release_unwritten(claimed)
-                raise UserError(f"{path} already exists; pass --overwrite or choose another --output.")
-            claimed.append(path)
-        return claimed
-    paths, i = [], 0
-    while len(paths) < count:  # the next free numbers; a name another run claims first is skipped
-        path = folder / f"ldm-{i:05d}.png"
-        if claim(path):
-            paths.append(path)
-        i += 1
-    return paths
-
-
-def claim(path: Path) -> bool:
-    """Create `path` empty if no file has that name yet (atomically: O_EXCL); whether this call created it."""
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        return True
-    except FileExistsError:
-        return False
-
-
-@contextmanager
-def claimed_outputs(output: str | None, count: int, overwrite: bool) -> Iterator[list[Path]]:
-    """`output_paths`, released again where the block stops before an image was written."""
-    paths = output_paths(output, count, overwrite)
-    try:
-        yield paths
-    finally:
-        release_unwritten(paths)
-
-
-def release_unwritten(paths: list[Path]) -> None:
-    """Remove the claimed names that are still empty (a run that stopped before writing them)."""
-    for path in paths:
-        if path.is_file() and path.stat().st_size == 0:
-            path.unlink()
-
-
-def check_free_space(folder: Path, count: int, width: int, height: int) -> None:
-    """Refuse before sampling when the images cannot fit (a PNG is at most about 3 bytes a pixel)."""
-    need = count * (3 * width * height + 65536)
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise UserError(f"{folder} has {free // 2**20} MiB free but {count} images of {width}x{height} need up to "
-                        f"{-(-need // 2**20)} MiB; free some space or choose another --output.")
-
-
-def read_params_or_fail(path: str) -> tuple[GenerationParams, list[str]]:
+def read_params_or_fail(path: str) -> tuple[GenerationRequest, list[str]]:
     from ..png_metadata import read_png
 
     if not Path(path).is_file():

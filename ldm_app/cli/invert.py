@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..loading import DEFAULT_MODEL
+from ..loading import trusted_model
 from .common import (UserError, device_option, finite, model_option, notes,
                      quiet_option, utf8_text, variant_option)
 
@@ -187,7 +187,7 @@ def edit_command(ctx: click.Context, image: Path | None, source_prompt: str | No
             raise UserError(f"--inversion {inversion_file}: no such file; pass a file written by ldm-app invert.")
         inversion = Inversion.load(inversion_file)
         if "model" not in given and inversion.model:  # a folder on this machine or the default, never a hub id
-            if inversion.model == DEFAULT_MODEL or Path(inversion.model).expanduser().is_dir():
+            if trusted_model(inversion.model):
                 model = inversion.model
             else:
                 note(f"note: the inversion was made with {inversion.model!r}, which is not a model folder on this "

@@ -18,7 +18,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from .engine import ImageRequest, read_png_text
+from ..request import GenerationRequest
+from .engine import read_png_text
 from .jobs import run_job
 from .validation import ApiError, a1111_mask, decode_base64, decode_base64_image, image_request
 
@@ -59,7 +60,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 
 def _request(http: Request, body: Txt2ImgRequest, image: PIL.Image.Image | None = None,
-             mask: PIL.Image.Image | None = None, strength: float = 0.75) -> ImageRequest:
+             mask: PIL.Image.Image | None = None, strength: float = 0.75) -> GenerationRequest:
     if body.enable_hr:
         raise ApiError(422, "enable_hr (hires fix) is not supported; send enable_hr=false and the size you want.",
                        "enable_hr")
@@ -83,7 +84,7 @@ def _request(http: Request, body: Txt2ImgRequest, image: PIL.Image.Image | None 
                          image=image, mask=mask, strength=strength)
 
 
-async def _respond(http: Request, body: Txt2ImgRequest, request: ImageRequest) -> dict[str, Any]:
+async def _respond(http: Request, body: Txt2ImgRequest, request: GenerationRequest) -> dict[str, Any]:
     engine = http.app.state.engine
     images = await run_job(http, request)
     params = [engine.params(request, seed) for seed in request.seeds]
@@ -93,7 +94,7 @@ async def _respond(http: Request, body: Txt2ImgRequest, request: ImageRequest) -
             "info": json.dumps(_info(http, request, params, body))}
 
 
-def _info(http: Request, request: ImageRequest, params: list, body: Txt2ImgRequest) -> dict[str, Any]:
+def _info(http: Request, request: GenerationRequest, params: list, body: Txt2ImgRequest) -> dict[str, Any]:
     """What A1111's `Processed.js()` returns, as far as it applies here."""
     engine = http.app.state.engine
     label = engine.sampler_labels()[request.sampler]

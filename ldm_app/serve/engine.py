@@ -6,6 +6,7 @@ module, so that changes in the library touch one file here. Only the queue's wor
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -18,50 +19,19 @@ from typing import Any
 import PIL.Image
 import torch
 
-from ..lora import split_lora_spec, split_lora_tags
+from ..generation import activate_loras, generate_images, use_sampler
+from ..inversion import edit, invert, reconstruct
+from ..loading import dtype_name, load_pipeline, model_record, pick_device, pick_dtype
+from ..lora_tags import split_lora_spec, split_lora_tags
 from ..pipeline import LdmPipeline
-from ..png_metadata import A1111_KEY, GenerationParams, a1111_text, png_info, split_infotext
+from ..png_metadata import A1111_KEY, a1111_text, png_info, split_infotext
 from ..png_metadata import lora_name as png_lora_name
-from ..samplers import SAMPLERS, make_scheduler, max_inference_steps, sampler_from_a1111
+from ..request import GenerationRequest
+from ..samplers import SAMPLERS, max_inference_steps, sampler_from_a1111
 
 
 class Interrupted(Exception):
     """Raised inside the denoising loop when every request of the running batch has gone away."""
-
-
-@dataclass
-class ImageRequest:
-    """One request for `n` images with the same settings; seeds are `seed`, `seed + 1`, ... (A1111's rule)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 5.0
-    eta: float = 0.0
-    sampler: str = "ddim"
-    seed: int = 0
-    width: int = 64  # the images' size
-    height: int = 64
-    drawn: tuple[int, int] | None = None  # (width, height) the model draws at when smaller (sizes.py), resized up
-    n: int = 1
-    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale) for every loaded LoRA, in load order
-    image: PIL.Image.Image | None = None  # img2img / inpainting input, already at width × height
-    mask: PIL.Image.Image | None = None  # white = repaint
-    strength: float = 0.75  # SDEdit's fraction of the schedule that is re-noised
-
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys share one pipeline call; image requests run alone (each has its own input)."""
-        if self.image is not None:
-            return None
-        return (self.draw_size, self.steps, self.sampler, self.guidance, self.eta, self.loras)
-
-    @property
-    def draw_size(self) -> tuple[int, int]:
-        return self.drawn or (self.width, self.height)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.n)]
 
 
 @dataclass
@@ -81,7 +51,11 @@ class Engine:
 
     def __post_init__(self) -> None:
         self._base_scheduler_config = dict(self.pipe.scheduler.config)
-        self._schedulers: dict[str, Any] = {}
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """LoRA path (as requests name it) → its adapter on the pipeline."""
+        return {lora.path: name for name, lora in self.loras.items()}
 
     # ------------------------------------------------------------------------------------------------------
     # Loading
@@ -90,8 +64,6 @@ class Engine:
     def load(cls, model: str, loras: list[str], lora_dir: str | None, device: str, dtype: str,
              variant: str | None = None) -> "Engine":
         """The model and LoRAs the server offers; requests choose among these and can name no other file."""
-        from ..loading import dtype_name, load_pipeline, model_record, pick_device, pick_dtype
-
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
         pipe = load_pipeline(model, dev, torch_dtype, variant)
@@ -144,8 +116,8 @@ class Engine:
             raise ValueError(f"Unknown sampler {name!r}; use one of: {valid}.")
         return ours
 
-    def resolve_loras(self, prompt: str, requested: dict[str, float] | None) -> tuple[str, tuple]:
-        """The prompt without A1111's `<lora:name:weight>` tags, and the scale of every loaded LoRA.
+    def resolve_loras(self, prompt: str, requested: dict[str, float] | None) -> tuple[str, list[str]]:
+        """The prompt without A1111's `<lora:name:weight>` tags, and the LoRAs to use ("PATH:SCALE", scale ≠ 0).
 
         Tags and `requested` name LoRAs loaded at start; naming none keeps the start-up scales.
         """
@@ -158,10 +130,10 @@ class Engine:
             offered = ", ".join(self.loras) or "none (start the server with --lora or --lora-dir)"
             raise ValueError(f"Unknown LoRA {unknown[0]!r}; this server offers: {offered}.")
         if tags or requested is not None:
-            scales = tuple((name, float(chosen.get(name, 0.0))) for name in self.loras)
+            scales = [(name, float(chosen.get(name, 0.0))) for name in self.loras]
         else:
-            scales = tuple((name, lora.scale) for name, lora in self.loras.items())
-        return prompt, scales
+            scales = [(name, lora.scale) for name, lora in self.loras.items()]
+        return prompt, [f"{self.loras[name].path}:{scale:g}" for name, scale in scales if scale]
 
     @staticmethod
     def random_seed() -> int:
@@ -170,89 +142,39 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------
     # Running
 
-    def generate(self, requests: list[ImageRequest], max_batch: int,
+    def generate(self, requests: list[GenerationRequest], max_batch: int,
                  on_step: Callable[[int, int], None] | None = None) -> list[list[PIL.Image.Image]]:
         """All images of `requests` (which share one `batch_key`, or are a single image request), in pipeline
-        calls of at most `max_batch` images. Image j of a request is drawn with its own CPU generator seeded
-        `seed + j`, so it is the same picture whichever batch it lands in."""
-        first = requests[0]
-        self._configure(first)
-        items = [(r, s) for r in requests for s in r.seeds]
-        chunks = [items[i:i + max_batch] for i in range(0, len(items), max_batch)]
-        steps = max(1, int(first.steps * first.strength)) if first.image is not None else first.steps
-        total = steps * len(chunks)
-        images: list[PIL.Image.Image] = []
-        width, height = first.draw_size
-        for c, chunk in enumerate(chunks):
-            def callback(pipe: LdmPipeline, i: int, t: Any, tensors: dict, c: int = c) -> dict:
-                if on_step is not None:
-                    on_step(min(total, c * steps + i + 1), total)
-                return {}
-
-            kwargs: dict[str, Any] = {}
-            if first.image is not None:
-                kwargs = {"image": [first.image] * len(chunk), "strength": first.strength}
-                if first.mask is not None:
-                    kwargs["mask_image"] = [first.mask] * len(chunk)
-            images += self.pipe(
-                [r.prompt for r, _ in chunk], negative_prompt=[r.negative_prompt for r, _ in chunk],
-                height=height, width=width, num_inference_steps=first.steps,
-                guidance_scale=first.guidance, eta=first.eta, callback_on_step_end=callback,
-                generator=[torch.Generator().manual_seed(s) for _, s in chunk], **kwargs).images
-        out, start = [], 0
-        for r in requests:  # each to its own size (requests drawn at one size may ask for different ones)
-            out.append([image.resize((r.width, r.height), PIL.Image.Resampling.LANCZOS) if r.drawn else image
-                        for image in images[start:start + r.n]])
-            start += r.n
-        return out
+        calls of at most `max_batch` images (`ldm_app.generation.generate_images`)."""
+        return generate_images(self.pipe, requests, max_batch, self.adapters, on_step)
 
     def invert_and_edit(self, image: PIL.Image.Image, source_prompt: str, target_prompt: str, method: str,
                         steps: int, guidance: float, cross_attention_steps: float) -> list[PIL.Image.Image]:
         """Invert a real image with its prompt, then regenerate it with the target prompt (Prompt-to-Prompt):
         [reconstruction, edit]. The image is resized and center-cropped to the model's size."""
-        from ..inversion import edit, invert, reconstruct
-
-        self.pipe.scheduler = make_scheduler("ddim", self._base_scheduler_config)  # inversion is DDIM's
+        use_sampler(self.pipe, "ddim")  # inversion is DDIM's
         if self.loras:
-            self.pipe.set_adapters(list(self.loras), [lora.scale for lora in self.loras.values()])
+            activate_loras(self.pipe, self.resolve_loras("", None)[1], self.adapters)
         inversion = invert(self.pipe, image, source_prompt, method, steps, guidance,
                            generator=torch.Generator().manual_seed(0))
         edited = edit(self.pipe, inversion, target_prompt, cross_attention_steps=cross_attention_steps)
         recon = inversion.reconstruction if inversion.reconstruction is not None else reconstruct(self.pipe, inversion)[0]
         return [recon, edited[0]]
 
-    def _configure(self, request: ImageRequest) -> None:
-        """The request's sampler and LoRA scales on the shared pipeline (the worker thread owns it)."""
-        if request.sampler not in self._schedulers:
-            self._schedulers[request.sampler] = make_scheduler(request.sampler, self._base_scheduler_config)
-        self.pipe.scheduler = self._schedulers[request.sampler]
-        if self.loras:  # only the LoRAs in use: peft runs every active adapter's branch, even at scale 0
-            active = [(name, scale) for name, scale in request.loras if scale]
-            if active:
-                self.pipe.enable_lora()
-                self.pipe.set_adapters([name for name, _ in active], [scale for _, scale in active])
-            else:
-                self.pipe.disable_lora()
-
     # ------------------------------------------------------------------------------------------------------
     # Outputs
 
-    def params(self, request: ImageRequest, seed: int) -> GenerationParams:
-        """What the PNG records, so that `ldm-app generate --from` can redo it."""
-        loras = [f"{self.loras[name].path}:{scale:g}" for name, scale in request.loras if scale]
-        return GenerationParams(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
-                                guidance=request.guidance, eta=request.eta, sampler=request.sampler, seed=seed,
-                                width=request.width, height=request.height, model=self.model_name, dtype=self.dtype,
-                                loras=loras, strength=request.strength if request.image is not None else None,
-                                drawn_at="{}x{}".format(*request.drawn) if request.drawn else None)
+    def params(self, request: GenerationRequest, seed: int) -> GenerationRequest:
+        """What the PNG of the image drawn from `seed` records, so that `ldm-app generate --from` can redo it."""
+        return dataclasses.replace(request.for_image(seed), model=self.model_name, dtype=self.dtype)
 
-    def png(self, image: PIL.Image.Image, params: GenerationParams) -> bytes:
+    def png(self, image: PIL.Image.Image, params: GenerationRequest) -> bytes:
         """PNG bytes with the same two metadata chunks `ldm-app generate` writes."""
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", pnginfo=png_info(params))
         return buffer.getvalue()
 
-    def infotext(self, params: GenerationParams) -> str:
+    def infotext(self, params: GenerationRequest) -> str:
         return a1111_text(params)
 
 

@@ -9,11 +9,12 @@ from typing import Any
 
 from fastapi import Request
 
-from .engine import Engine, ImageRequest
+from ..request import GenerationRequest
+from .engine import Engine
 from .validation import ApiError
 
 
-async def run_job(request: Request, image_request: ImageRequest | None = None,
+async def run_job(request: Request, image_request: GenerationRequest | None = None,
                   task: Callable[[Engine], Any] | None = None) -> Any:
     """Queue the work and wait for it; if the client disconnects first its job is dropped (or its batch stops).
     A full queue raises `QueueFull`, a stopping server `ShuttingDown` (both a 503)."""

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from .engine import ImageRequest
+from ..request import GenerationRequest as ImageRequest  # OpenAI's body below is named GenerationRequest
 from .jobs import run_job
 from .validation import ApiError, decode_image_bytes, image_request, parse_size
 

@@ -16,7 +16,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, ImageRequest, Interrupted
+from ..request import GenerationRequest
+from .engine import Engine, Interrupted
 
 
 class QueueFull(Exception):
@@ -40,7 +41,7 @@ class ShuttingDown(QueueFull):
 class Job:
     """A queued request: images (`request`) or a one-off task on the pipeline (`task`, never batched)."""
 
-    request: ImageRequest | None = None
+    request: GenerationRequest | None = None
     task: Callable[[Engine], Any] | None = None
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -86,7 +87,7 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------------------
     # Clients
 
-    def submit(self, request: ImageRequest | None = None, task: Callable[[Engine], Any] | None = None) -> Job:
+    def submit(self, request: GenerationRequest | None = None, task: Callable[[Engine], Any] | None = None) -> Job:
         """Queue a request (or a task); raises `QueueFull` instead of waiting when `max_queue` jobs wait."""
         job = Job(request=request, task=task)
         with self._lock:

@@ -25,7 +25,8 @@ from fastapi import FastAPI
 
 from ..inversion import METHODS
 from ..sizes import MAX_UPSCALE, plan_size
-from .engine import Engine, ImageRequest, read_png_text
+from ..request import GenerationRequest
+from .engine import Engine, read_png_text
 from .queue import Job, JobQueue, QueueFull
 from .settings import Limits
 from .validation import ApiError, check_edit, decode_image_bytes, image_request
@@ -345,7 +346,7 @@ class Handlers:
                 *self._history(history)]
 
     def _request(self, v: dict[str, Any], image: PIL.Image.Image | None, mask: PIL.Image.Image | None,
-                 strength: float | None) -> ImageRequest:
+                 strength: float | None) -> GenerationRequest:
         """The form's values through the APIs' checks (`image_request`), after the UI's own: an empty prompt is
         refused unless the box under Settings says it is meant."""
         prompt = v["prompt"] if isinstance(v["prompt"], str) else ""
@@ -433,7 +434,7 @@ class Handlers:
         except ApiError as err:
             raise gr.Error(err.message) from None
 
-    def _save(self, request: ImageRequest, images: list[PIL.Image.Image]) -> list[str]:
+    def _save(self, request: GenerationRequest, images: list[PIL.Image.Image]) -> list[str]:
         paths = []
         for image, seed in zip(images, request.seeds):
             path = self.outputs / f"ldm-{seed}-{time.time_ns()}.png"

@@ -1,22 +1,29 @@
-"""Turning what a client sent into an `ImageRequest`, or into a 4xx that says what to fix.
+"""Turning what a client sent into a `GenerationRequest`, or into a 4xx that says what to fix.
 
-Both APIs and the UI come through here, so the limits and messages are the same on every door.
+Both APIs and the UI come through here. The request's own ranges are checked where every door checks them
+(`GenerationRequest.checked` and `.resolved`, with the CLI's messages); this module adds the server's limits
+(--max-* flags), the names it offers (LoRAs, samplers) and the decoding of uploaded images.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import math
+import re
 
 import PIL.Image
 
 from ..images import to_rgb
 from ..inversion import METHODS
-from ..sizes import plan_size
-from .engine import Engine, ImageRequest
+from ..request import GenerationRequest
+from .engine import Engine
 from .settings import Limits
+
+API_NAMES = {"guidance": "guidance/cfg_scale", "strength": "denoising_strength"}  # the field names clients send
+MAX_GUIDANCE = 100  # far past any useful scale; keeps a typo from reaching the model
 
 
 class ApiError(Exception):
@@ -43,7 +50,7 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
                   guidance: float = 5.0, eta: float = 0.0, sampler: str = "ddim", seed: int | None = None,
                   width: int | None = None, height: int | None = None, n: int = 1,
                   loras: dict[str, float] | None = None, image: PIL.Image.Image | None = None,
-                  mask: PIL.Image.Image | None = None, strength: float = 0.75) -> ImageRequest:
+                  mask: PIL.Image.Image | None = None, strength: float = 0.75) -> GenerationRequest:
     """Check every field against the model and the server's limits; input images are resized to the size drawn
     (`sizes.plan_size`: width × height, or the native size for sizes far above it)."""
     # 1. Text
@@ -55,7 +62,7 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
             raise ApiError(422, f"{name} has {len(text)} characters; the server accepts at most "
                                 f"{limits.max_prompt_chars} (--max-prompt-chars).", name)
     try:
-        prompt, lora_scales = engine.resolve_loras(prompt, loras)
+        prompt, lora_specs = engine.resolve_loras(prompt, loras)
     except ValueError as err:
         raise ApiError(422, str(err), "loras") from None
     try:
@@ -63,44 +70,36 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
     except ValueError as err:
         raise ApiError(422, str(err), "sampler") from None
 
-    # 2. Numbers
-    max_steps = min(limits.max_steps, engine.max_steps)
-    if not 1 <= steps <= max_steps:
-        raise ApiError(422, f"steps={steps}; use 1 to {max_steps} (25 is typical).", "steps")
-    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
-        raise ApiError(422, f"guidance/cfg_scale={guidance}; use a number from 0 to 100 (1 = off, 5 is typical).",
-                       "cfg_scale")
-    if not math.isfinite(eta) or not 0 <= eta <= 1:
-        raise ApiError(422, f"eta={eta}; use a number from 0 (deterministic DDIM) to 1.", "eta")
-    if not math.isfinite(strength) or not 0 <= strength <= 1:
-        raise ApiError(422, f"denoising_strength={strength}; use a number from 0 (keep the input) to 1 (ignore it).",
-                       "denoising_strength")
+    # 2. The server's limits
+    if isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance > MAX_GUIDANCE:
+        raise ApiError(422, f"guidance/cfg_scale={guidance}; use a number from 0 to {MAX_GUIDANCE} (1 = off, 5 is "
+                            "typical).", "cfg_scale")
     if not 1 <= n <= limits.max_images:
         raise ApiError(422, f"{n} images requested; use 1 to {limits.max_images} per request (--max-images).", "n")
     if seed is None or seed == -1:
         seed = engine.random_seed()
-    if not 0 <= seed < 2**63 - limits.max_images:
-        raise ApiError(422, f"seed={seed}; use -1 (random) or 0 to 2^63 - {limits.max_images + 1}.", "seed")
-
-    # 3. Size: the model's native size by default, multiples of the VAE factor, at most max_pixels
-    width = engine.default_size if width is None else width
-    height = engine.default_size if height is None else height
-    factor = engine.size_factor
-    for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % factor:
-            raise ApiError(422, f"{name}={value} is not a positive multiple of {factor}; use e.g. "
-                                f"{max(factor, value // factor * factor)} (the model's native size is "
-                                f"{engine.default_size}).", name)
-    if width * height > limits.max_pixels:
-        raise ApiError(422, f"{width}x{height} is {width * height} pixels; the server allows at most "
-                            f"{limits.max_pixels} per image (--max-pixels).", "width")
-
-    plan = plan_size(width, height, engine.default_size, factor)  # far above the native size: drawn smaller
-
-    # 4. Input image and mask, at the size drawn
-    draw_size = (plan.draw_width, plan.draw_height)
     if mask is not None and image is None:
         raise ApiError(422, "a mask was sent without an image; send the image to inpaint too.", "mask")
+
+    # 3. The request's own ranges and the model's (the size drawn at: `sizes.plan_size`), as on every door
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                eta=eta, sampler=sampler, seed=seed, width=width, height=height, n=n,
+                                loras=lora_specs, strength=strength if image is not None else None, image=image,
+                                mask=mask)
+    try:
+        request = request.checked(API_NAMES)
+        width = engine.default_size if width is None else width
+        height = engine.default_size if height is None else height
+        if width * height > limits.max_pixels:
+            raise ApiError(422, f"{width}x{height} is {width * height} pixels; the server allows at most "
+                                f"{limits.max_pixels} per image (--max-pixels).", "width")
+        request = request.resolved(engine.pipe, max_steps=limits.max_steps)
+    except ValueError as err:
+        field = re.match(r"[\w/]+", str(err))
+        raise ApiError(422, f"{str(err).rstrip('.')}.", field.group(0) if field else None) from None
+
+    # 4. Input image and mask, at the size drawn
+    draw_size = request.draw_size
     if image is not None:
         image = image.resize(draw_size, PIL.Image.Resampling.LANCZOS)
     if mask is not None:
@@ -108,10 +107,7 @@ def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_promp
         if mask.getextrema()[1] < 128:
             raise ApiError(422, "the mask is all black, so there is nothing to repaint; paint the area to change "
                                 "white.", "mask")
-    return ImageRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=float(guidance),
-                        eta=float(eta), sampler=sampler, seed=seed, width=width, height=height,
-                        drawn=draw_size if plan.resized else None, n=n,
-                        loras=lora_scales, image=image, mask=mask, strength=float(strength))
+    return dataclasses.replace(request, image=image, mask=mask)
 
 
 def is_utf8(text: str) -> bool:

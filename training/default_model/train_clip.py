@@ -25,7 +25,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm_app.atomic import atomic_folder, atomic_write
-from ldm_app.evaluation import Clip
+from ldm_app.default_clip import Clip
 
 from budget import BudgetedRun  # this folder's shared resume/time-budget helper
 from emoji_data import load_split
