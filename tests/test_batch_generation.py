@@ -90,6 +90,8 @@ def test_item_i_uses_seed_plus_i_unless_its_row_gives_one():
     ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
     ('{"caption": "a"}\n', "row 1 has no text in column 'prompt'"),
     ('{"prompt": "a", "file_name": "x.png"}\n', "row 1 has a file_name column"),
+    ('{"prompt": "a"}\n{"prompt": "b", "steps": 0}\n', "row 2: steps is 0, expected a whole number ≥ 1"),
+    ('{"prompt": "a", "sampler": "plms"}\n', "row 1: sampler is 'plms', expected one of ddim"),
 ])
 def test_a_bad_row_is_refused_naming_it(tmp_path, text, message):
     (tmp_path / "p.jsonl").write_text(text)
