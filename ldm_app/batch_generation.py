@@ -17,13 +17,22 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import PIL.Image
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from tqdm.auto import tqdm
 
 from .atomic import atomic_write
+from .distributed import check_launched
+from .generation import generate_images
+from .hub import push_to_hub
+from .loading import dtype_name, load_loras, load_pipeline, model_record, pick_device, pick_dtype
+from .outputs import png_bytes, require_free_space
+from .png_metadata import png_info
 from .request import GenerationRequest
-
-if TYPE_CHECKING:
-    import PIL.Image
+from .threads import use_threads
 
 METADATA, RECORDS, JOB = "metadata.jsonl", ".records", ".job.json"  # in the output folder
 # what a row may set for its own images (the other columns are copied into metadata.jsonl as they are)
@@ -231,9 +240,6 @@ class Painter:
     the library's one image loop (`generation.generate_images`). One per process, or one per Ray actor."""
 
     def __init__(self, settings: Settings, device: str | None = None) -> None:
-        from .loading import dtype_name, load_loras, load_pipeline, model_record, pick_device, pick_dtype
-        from .threads import use_threads
-
         use_threads(settings.threads)
         dev = pick_device(device or settings.device)
         weights_dtype = pick_dtype(settings.dtype, dev)
@@ -249,8 +255,6 @@ class Painter:
         return GenerationRequest(**item.fields, **self.recorded).resolved(self.pipe)
 
     def __call__(self, items: list[Item]) -> list[tuple[bytes, dict[str, Any]]]:
-        from .generation import generate_images
-
         requests = [self.request(item) for item in items]
         images = generate_images(self.pipe, requests, self.settings.batch_size, self.adapters)
         return [(png(image, request), record(item, request)) for item, request, (image,) in zip(items, requests, images)]
@@ -258,8 +262,6 @@ class Painter:
 
 def png(image: PIL.Image.Image, request: GenerationRequest) -> bytes:
     """The PNG file of one image, with its parameters (as every ldm-app PNG)."""
-    from .png_metadata import png_info
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=png_info(request))
     return buffer.getvalue()
@@ -287,8 +289,6 @@ def pending_batches(items: list[Item], out: OutputFolder, size: int) -> list[lis
 
 def check_space(out: OutputFolder, painter: Painter, items: list[Item]) -> None:
     """Refuse before drawing when the disk cannot hold the images still to come (sized as the first one)."""
-    from .outputs import png_bytes, require_free_space
-
     request = painter.request(items[0])
     what = f"{len(items)} images of {request.width}x{request.height}"
     require_free_space(out.folder, png_bytes(len(items), request.width, request.height), what,
@@ -298,12 +298,6 @@ def check_space(out: OutputFolder, painter: Painter, items: list[Item]) -> None:
 def run_local(items: list[Item], output: str | os.PathLike, settings: Settings, progress: bool = True) -> Path | None:
     """Make the pending items on this process, or this process's share of them under `accelerate launch` /
     `torchrun`; returns metadata.jsonl's path (from the one process that writes it; None on the others)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-    from tqdm.auto import tqdm
-
-    from .distributed import check_launched
-
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_launched(state.num_processes, "-m ldm_app generate --prompts …")
     out = OutputFolder(output)
@@ -329,8 +323,6 @@ def run_local(items: list[Item], output: str | os.PathLike, settings: Settings, 
 
 def push_dataset(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
     """Upload the finished data set (images, metadata.jsonl and a card) to a Hub data set repo; the commit's URL."""
-    from .hub import push_to_hub
-
     folder = Path(folder)
     job = json.loads((folder / JOB).read_text())
     card = (f"---\ntask_categories:\n- text-to-image\ntags:\n- synthetic\n- ldm-app\n---\n\n"

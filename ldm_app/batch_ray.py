@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from .batch_generation import Item, OutputFolder, Painter, Settings, pending_batches
 
 
@@ -42,8 +44,6 @@ def run_ray(items: list[Item], output: str | os.PathLike, settings: Settings, pr
         import ray
     except ImportError:
         raise ValueError("--engine ray needs Ray: pip install 'ldm-app[ray]' (or pip install 'ray[data]').") from None
-    from tqdm.auto import tqdm
-
     out = OutputFolder(output)
     out.claim(items, settings)
     pending = pending_batches(items, out, settings.batch_size)
