@@ -61,10 +61,28 @@ def run_ray(items: list[Item], output: str | os.PathLike, settings: Settings, pr
         images = ray.data.from_items(rows).map_batches(
             PainterActor, fn_constructor_kwargs={"settings": settings}, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
-        with tqdm(total=len(by_index), unit="img", desc=f"Generating on Ray ({pool} actors)",
-                  disable=not progress) as bar:
-            for batch in images.iter_batches(batch_size=None, batch_format="numpy"):
-                for index, png, record in zip(batch["index"], batch["png"], batch["record"]):
-                    out.write(by_index[int(index)], png, json.loads(record))
-                bar.update(len(batch["index"]))
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines
+        try:
+            with tqdm(total=len(by_index), unit="img", desc=f"Generating on Ray ({pool} actors)",
+                      disable=not progress) as bar:
+                for batch in images.iter_batches(batch_size=None, batch_format="numpy"):
+                    for index, png, record in zip(batch["index"], batch["png"], batch["record"]):
+                        out.write(by_index[int(index)], png, json.loads(record))
+                    bar.update(len(batch["index"]))
+        except Exception as err:  # an actor's ValueError (a model that does not load, a size it cannot draw)
+            reason = user_error(err)
+            if reason is None:
+                raise
+            raise ValueError(f"a Ray actor stopped: {reason}") from None
     return out.assemble(items)
+
+
+def user_error(err: BaseException) -> str | None:
+    """The message of the library's ValueError that Ray wrapped (with tracebacks) in `err`'s chain, if any."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    found = [line for text in chain for line in text.splitlines() if line.startswith("ValueError: ")]
+    return found[-1].removeprefix("ValueError: ") if found else None
