@@ -117,12 +117,27 @@ class LoraTrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    # "lcm": latent consistency distillation (Luo et al. 2023) of model.pretrained_unet into the trained UNet
+    # (whole, or LoRA with lora.rank > 0); the EMA (train.ema_decay, e.g. 0.95) is the target network θ⁻
+    method: Literal["none", "lcm"] = "none"
+    num_ddim_timesteps: int = 50  # N: the teacher's DDIM solver skips T/N timesteps per step (LCMScheduler's original_inference_steps)
+    guidance_min: float = 3.0  # the teacher's CFG scale ω+1 is drawn uniformly from [guidance_min, guidance_max]
+    guidance_max: float = 7.0
+    loss: Literal["huber", "l2"] = "huber"  # consistency distance: pseudo-Huber √(d² + c²) − c, or squared error
+    huber_c: float = 0.001  # c of the pseudo-Huber loss
+    timestep_scaling: float = 10.0  # boundary conditions c_skip, c_out at t × this (LCMScheduler's timestep_scaling)
+    time_cond_proj_dim: int | None = None  # give a whole student (lora.rank 0) a zero-initialised guidance input
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)  # what to train on
     model: ModelConfig = field(default_factory=ModelConfig)  # the frozen encoders and the UNet
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # noise schedule and loss
     train: TrainConfig = field(default_factory=TrainConfig)  # the loop: optimizer, checkpoints, validation
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)  # LoRA fine-tuning instead of full training
+    distill: DistillConfig = field(default_factory=DistillConfig)  # consistency distillation instead of denoising
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -222,6 +237,7 @@ def validate_config(config: Config) -> None:
         raise ValueError("lora.rank > 0 fine-tunes a pretrained UNet; set model.pretrained_unet to a pipeline folder.")
     if lora.train_text_encoder and not lora.rank:
         raise ValueError("lora.train_text_encoder needs LoRA on the UNet too; set lora.rank > 0.")
+    _check_distill(config)
     if t.cache and config.data.streaming:
         raise ValueError("train.cache=true needs a finite dataset; set train.cache=false to stream.")
     if t.cache and not config.data.center_crop:
@@ -231,6 +247,27 @@ def validate_config(config: Config) -> None:
     if t.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:  # accelerate would drop it
         raise ValueError(f"train.report_to={t.report_to} needs wandb: pip install wandb (then wandb login), or set "
                          "train.report_to=tensorboard.")
+
+
+def _check_distill(config: Config) -> None:
+    d = config.distill
+    if d.method == "none":
+        return
+    if not config.model.pretrained_unet:
+        raise ValueError("distill.method=lcm distils a pretrained teacher; set model.pretrained_unet to a pipeline folder.")
+    if config.lora.train_text_encoder:
+        raise ValueError("distill.method=lcm keeps the text encoder frozen; set lora.train_text_encoder=false.")
+    if d.time_cond_proj_dim and config.lora.rank:
+        raise ValueError("distill.time_cond_proj_dim adds a layer that LoRA would not train; use lora.rank=0 with it "
+                         "or unset it.")
+    if not (_is_whole(d.num_ddim_timesteps) and 1 <= d.num_ddim_timesteps <= config.objective.num_train_timesteps):
+        raise ValueError(f"distill.num_ddim_timesteps={d.num_ddim_timesteps!r} must be a whole number from 1 to "
+                         f"objective.num_train_timesteps, e.g. 50.")
+    if not 1 <= d.guidance_min <= d.guidance_max < float("inf"):
+        raise ValueError(f"distill.guidance_min={d.guidance_min!r} and guidance_max={d.guidance_max!r} must satisfy "
+                         "1 <= guidance_min <= guidance_max, e.g. 3 and 7.")
+    if not (d.huber_c > 0 and d.timestep_scaling > 0):
+        raise ValueError("distill.huber_c and distill.timestep_scaling must be > 0, e.g. 0.001 and 10.")
 
 
 # Range checks, run before any work so that a bad value never costs a cache build: (key, what the bound means).

@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 from diffusers.utils.peft_utils import get_adapter_name
 
+from .consistency import LCM_STUDENT, use_lcm_student
 from .kohya import from_kohya, is_kohya
 from .lora import PEFT_SECOND_ADAPTER, load_text_encoder_lora
 from .lora_formats import read_lora_file
@@ -77,12 +78,17 @@ class LdmLoadersMixin:
         return (native_index(config[0]), *config[1:]) if isinstance(config, tuple) else native_index(config)
 
     @classmethod
-    def from_default(cls, **kwargs: Any) -> Any:
-        """The embedded default model that ships inside the package: offline, CPU-sized."""
+    def from_default(cls, lcm: bool = False, **kwargs: Any) -> Any:
+        """The embedded default model that ships inside the package: offline, CPU-sized. With `lcm` its distilled
+        UNet and `LCMScheduler`: sample it with 4 steps at guidance_scale=1."""
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
             raise ValueError(f"The embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall ldm-app "
                              "or pass a model folder or hub id.")
-        return cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)  # shipped in fp16, loaded in fp32 unless told
+        pipe = cls.from_pretrained(DEFAULT_MODEL_DIR, **kwargs)  # shipped in fp16, loaded in fp32 unless told
+        if lcm and not use_lcm_student(pipe):
+            raise ValueError(f"This ldm-app ships no distilled LCM UNet ({DEFAULT_MODEL_DIR / LCM_STUDENT} is "
+                             "missing); use from_default() with DDIM or DPM++.")
+        return pipe
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, **kwargs: Any) -> None:

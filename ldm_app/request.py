@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .ranges import check_size, check_steps
-from .samplers import SAMPLERS, max_inference_steps
+from .samplers import SAMPLERS, max_inference_steps, sampler_defaults
 from .sizes import plan_size
 
 if TYPE_CHECKING:
@@ -39,8 +39,10 @@ class GenerationRequest:
 
     prompt: str  # the text prompt, without <lora:…> tags for the LoRAs in `loras`
     negative_prompt: str = ""  # what classifier-free guidance steers away from ("" = the unconditional ∅)
-    steps: int = 25  # denoising steps of the whole schedule (image-to-image runs the last steps · strength)
-    guidance: float = 5.0  # classifier-free guidance scale w (1 = off)
+    # denoising steps of the whole schedule (image-to-image runs the last steps · strength); None: the sampler's
+    # default (25; lcm: 4)
+    steps: int | None = None
+    guidance: float | None = None  # classifier-free guidance scale w (1 = off); None: the sampler's (5; lcm: 1)
     eta: float = 0.0  # DDIM's η (other samplers ignore it): 0 deterministic, 1 ≈ DDPM
     sampler: str | None = "ddim"  # a key of SAMPLERS; None keeps the pipeline's own scheduler (training grids)
     seed: int = 0  # the first image's seed
@@ -62,6 +64,9 @@ class GenerationRequest:
     image_sha256: str | None = None
     mask_path: str | None = None  # the mask's file (absolute path), and the start of its SHA-256
     mask_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        self.steps, self.guidance = sampler_defaults(self.sampler, self.steps, self.guidance)
 
     @property
     def draw_size(self) -> tuple[int | None, int | None]:

@@ -14,6 +14,11 @@
 | `dpm++`        | DPM++ 2M                              | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++") |
 | `dpm++-karras` | DPM++ 2M + Karras ("DPM++ 2M Karras") | the same with use_karras_sigmas=True                      |
 | `unipc`        | UniPC                                 | UniPCMultistepScheduler                                   |
+| `lcm`          | LCM                                   | LCMScheduler                                              |
+
+`lcm` samples latent consistency models only (a distilled UNet, or a base model with an LCM-LoRA): it has its
+own defaults, 4 steps at guidance 1 (no CFG: the guidance was distilled in), which callers take from
+`sampler_defaults` where the user gave none.
 
 Old A1111 (before 1.9) wrote Karras into the name ("DPM++ 2M Karras"); both spellings read.
 
@@ -38,6 +43,8 @@ class Sampler(NamedTuple):
     config: dict  # overrides of the pipeline's scheduler config
     a1111: str  # A1111's `Sampler` name
     karras: bool = False  # A1111's `Schedule type: Karras`
+    steps: int | None = None  # its own default number of steps (None: the caller's usual default)
+    guidance: float | None = None  # its own default guidance scale (None: the caller's usual default)
 
 
 SAMPLERS: dict[str, Sampler] = {  # keyed by the CLI's names
@@ -54,7 +61,17 @@ SAMPLERS: dict[str, Sampler] = {  # keyed by the CLI's names
     "dpm++-karras": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", **KARRAS}, "DPM++ 2M",
                             karras=True),
     "unipc": Sampler("UniPCMultistepScheduler", {}, "UniPC"),  # Zhao et al. 2023, predictor-corrector
+    "lcm": Sampler("LCMScheduler", {}, "LCM", steps=4, guidance=1.0),  # Luo et al. 2023, consistency models only
 }
+
+
+def sampler_defaults(name: str, steps: int | None, guidance: float | None, default_steps: int = 25,
+                     default_guidance: float = 5.0) -> tuple[int, float]:
+    """Steps and guidance for sampler `name`: those given, else the sampler's own, else the caller's defaults."""
+    sampler = SAMPLERS.get(name)
+    own_steps, own_guidance = (sampler.steps, sampler.guidance) if sampler else (None, None)
+    return (steps if steps is not None else own_steps if own_steps is not None else default_steps,
+            guidance if guidance is not None else own_guidance if own_guidance is not None else default_guidance)
 
 
 def _a1111_names() -> dict[tuple[str, bool], str]:

@@ -27,6 +27,7 @@ from .batches import make_batches, seeded_generator
 from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_folder, require_free_space, resume,
                           save_checkpoint)
 from .components import UNet, load_unet
+from .consistency import ConsistencyLoss, add_guidance_input, frozen_copy, lcm_scheduler
 from .config import Config, TrainConfig, save_config, validate_config
 from .distributed import check_distributed, describe
 from .encoders import Encoders, pipeline_subfolder
@@ -49,12 +50,15 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard
 # The loop
 
 
-def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True) -> Path:
+def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> Path:
     """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder, or with
     LoRA (`lora.rank > 0`) the adapters' file, `pytorch_lora_weights.safetensors`.
 
     `setup_unet` may freeze parameters or add hooks before the optimizer is built; only parameters that still
     require grad are optimised. `progress=False` (a command's --quiet) hides the progress bars and notes.
+    `on_step(step, loss)` runs after each step's checkpoint and validation: a server reports progress there, and
+    an exception it raises stops the run at that step boundary (re-running resumes).
     """
     validate_config(config)  # also for a Config built in code rather than by load_config
     out = Path(config.train.output_dir).expanduser()
@@ -87,6 +91,7 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
         encoders = Encoders.load(config.model, accelerator.device, frozen_dtype(accelerator))
         unet = build_unet(config, encoders.text_encoder.config.hidden_size, encoders.vae.config.latent_channels,
                           config.data.resolution // encoders.vae_factor)
+        teacher = distillation_teacher(unet, config)
         if config.lora.rank:
             add_lora(unet, config.lora.rank, config.lora.alpha, UNET_TARGETS)
         if setup_unet is not None:
@@ -105,7 +110,6 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
         trained = [unet, encoders.text_encoder] if train_text else [unet]
         # ∅ for caption dropout: its hidden states, or its token ids when the text encoder trains and runs in-graph
         empty = encoders.tokenize([""]) if train_text else encoders.encode_captions([""]).cpu()
-        loss_fn = DenoisingLoss(noise_scheduler(obj), obj, empty, encoders.scaling_factor, accelerator.device)
 
         # 4. The trainable parameters in fp32, their EMA, the optimizer and the LR schedule
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
@@ -119,6 +123,12 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
         *trained, optimizer = accelerator.prepare(*trained, optimizer)
         unet, text_encoder = trained[0], (trained[1] if train_text else None)
+        if teacher is None:
+            loss_fn = DenoisingLoss(noise_scheduler(obj), obj, empty, encoders.scaling_factor, accelerator.device)
+        else:  # the EMA is the target network θ⁻
+            loss_fn = ConsistencyLoss(noise_scheduler(obj), config.distill, teacher.to(accelerator.device),
+                                      copy.deepcopy(accelerator.unwrap_model(unet)) if ema is not None else None,
+                                      ema, empty, encoders.scaling_factor, accelerator.device)
 
         # 5. Resume from the last complete checkpoint
         ckpt_dir = out / CHECKPOINTS
@@ -168,6 +178,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
             if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
                 pipe = make_pipeline(accelerator, trained, ema, encoders, config)
                 validation_grid(pipe, config, out / "samples" / f"step-{step:07d}.png")
+            if on_step is not None:
+                on_step(step, loss.item())
             if out_of_time:
                 accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
                 break
@@ -196,6 +208,17 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
 
 # ----------------------------------------------------------------------------------------------------------
 # Stages
+
+
+def distillation_teacher(unet: UNet, config: Config) -> UNet | None:
+    """With `distill.method` set: a frozen copy of the pretrained UNet as the teacher, taken before adapters or
+    the guidance input are added to the student (and before a resumed checkpoint overwrites it)."""
+    if config.distill.method == "none":
+        return None
+    teacher = frozen_copy(unet)
+    if config.distill.time_cond_proj_dim:
+        add_guidance_input(unet, config.distill.time_cond_proj_dim)
+    return teacher
 
 
 def frozen_dtype(accelerator: Accelerator) -> torch.dtype | None:
@@ -279,7 +302,9 @@ def make_pipeline(accelerator: Accelerator, trained: list[torch.nn.Module], ema:
                   encoders: Encoders, config: Config) -> LdmPipeline:
     """A pipeline with the trained models' EMA weights (the UNet, and the text encoder where it trains)."""
     unet, *trained_text = with_ema([accelerator.unwrap_model(m) for m in trained], ema)
+    scheduler = (sampling_scheduler(config.objective) if config.distill.method == "none"
+                 else lcm_scheduler(config.objective, config.distill))
     pipe = LdmPipeline(vae=encoders.vae, text_encoder=trained_text[0] if trained_text else encoders.text_encoder,
-                       tokenizer=encoders.tokenizer, unet=unet, scheduler=sampling_scheduler(config.objective))
+                       tokenizer=encoders.tokenizer, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -55,17 +55,27 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class TimestepMLP(nn.Module):
-    """Sinusoidal features → MLP, the conditioning vector every ResNet block reads."""
+    """Sinusoidal features → MLP, the conditioning vector every ResNet block reads.
 
-    def __init__(self, in_dim: int, emb_dim: int):
+    With `cond_dim` (a latent consistency model's guidance-scale embedding, `timestep_cond`) a bias-free linear
+    projection of it is added to the sinusoidal features, where diffusers' `TimestepEmbedding.cond_proj` adds it
+    (same key). It starts at zero, so a student given it and the teacher's weights starts as the teacher."""
+
+    def __init__(self, in_dim: int, emb_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.in_dim = in_dim
         self.linear_1 = nn.Linear(in_dim, emb_dim)
         self.linear_2 = nn.Linear(emb_dim, emb_dim)
+        self.cond_proj = zero_module(nn.Linear(cond_dim, in_dim, bias=False)) if cond_dim else None
 
-    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward(self, timesteps: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         # The sinusoids are computed in fp32; cast them to the weights' dtype so fp16/bf16 models run.
         features = timestep_embedding(timesteps, self.in_dim).to(self.linear_1.weight.dtype)
+        if self.cond_proj is not None:
+            if condition is None:
+                raise ValueError("This UNet has time_cond_proj_dim set (a latent consistency model); pass "
+                                 "timestep_cond, the guidance-scale embedding of (guidance_scale - 1).")
+            features = features + self.cond_proj(condition.to(features.dtype))
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
@@ -265,6 +275,7 @@ class LdmUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         pooled_text_conditioning: bool = True,  # add the mean-pooled text embedding to the timestep embedding
         norm_num_groups: int = 32,
         dropout: float = 0.0,
+        time_cond_proj_dim: int | None = None,  # size of `timestep_cond` (LCM's guidance embedding); None: no input
     ):
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
@@ -277,7 +288,7 @@ class LdmUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.gradient_checkpointing = False
 
         # Timestep (and pooled text) embedding
-        self.time_embedding = TimestepMLP(ch0, temb_dim)
+        self.time_embedding = TimestepMLP(ch0, temb_dim, time_cond_proj_dim)
         self.text_pool_proj = nn.Linear(cross_attention_dim, temb_dim) if pooled_text_conditioning else None
 
         def layer(cin: int, cout: int, attn: bool) -> ResAttnLayer:
@@ -337,18 +348,20 @@ class LdmUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
         return_dict: bool = True,
         **kwargs: Any,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """Predict the noise in `sample` (B, C, H, W) at `timestep` (scalar or (B,)) given text hidden states
-        (B, T, cross_attention_dim). Extra keyword arguments that `UNet2DConditionModel` accepts and this
+        (B, T, cross_attention_dim), and with `time_cond_proj_dim` set the guidance embedding `timestep_cond`
+        (B, time_cond_proj_dim). Extra keyword arguments that `UNet2DConditionModel` accepts and this
         model has no use for (e.g. `cross_attention_kwargs=None`) are ignored."""
         b = sample.shape[0]
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(b) if timesteps.numel() == 1 else timesteps.reshape(b)
 
         # 1. Conditioning vector: timestep embedding (+ pooled text)
-        temb = self.time_embedding(timesteps).to(sample.dtype)
+        temb = self.time_embedding(timesteps, timestep_cond).to(sample.dtype)
         context = encoder_hidden_states.to(sample.dtype)
         if self.text_pool_proj is not None:
             temb = temb + self.text_pool_proj(context.mean(dim=1))

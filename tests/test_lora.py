@@ -159,6 +159,25 @@ def test_finetune_cli_trains_writes_outputs_and_leaves_the_base_untouched(tmp_pa
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
+def test_finetune_cli_quiet_prints_only_paths_and_labels_its_grid_and_card(tmp_path):
+    base = tmp_path / "base"
+    tiny_pipeline().save_pretrained(base)
+    photos = write_toy_dataset(tmp_path / "photos", n=2, layout="sidecar")
+    out = tmp_path / "lora"
+    r = cli("finetune-lora", str(photos), "--model", str(base), "--steps", "2", "--batch-size", "2", "-o", str(out),
+            "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and r.stdout.split() == [str(out / n) for n in (LORA_FILE, "config.yaml", "before_after.png")]
+    grid = np.asarray(PIL.Image.open(out / "before_after.png").convert("L"))
+    size = tiny_pipeline().default_size
+    strip = grid.shape[1] - 4 * size  # the label strip left of 4 columns of images: white with dark letters
+    assert grid.shape[0] == 2 * size and strip > 0
+    for row in (grid[:size, :strip], grid[size:, :strip]):
+        assert row.max() == 255 and row.min() < 128  # each row has its label
+    card = (out / "README.md").read_text()
+    assert f"--model {base} --lora" in card and "BASE_MODEL" not in card
+
+
 @pytest.mark.parametrize("content", ["empty", "only-broken"])
 def test_finetune_cli_without_usable_images_is_exit_2(tmp_path, content):
     base = tmp_path / "base"

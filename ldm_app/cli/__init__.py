@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import finetune, generate, info, invert, serve
+from . import distill, finetune, generate, info, invert, serve
 from .common import OneLineErrors
 
 
@@ -15,7 +15,7 @@ def app() -> None:
 
 
 for command in (generate.generate, info.info, finetune.finetune_lora, invert.invert_command, invert.edit_command,
-                serve.serve):
+                serve.serve, distill.distill):
     app.add_command(command)
 
 

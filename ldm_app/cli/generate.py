@@ -30,6 +30,7 @@ Examples:
   ldm-app generate "a cat"
   ldm-app generate "a red heart" -n 8 --grid -o hearts/
   ldm-app generate "a rocket" --sampler dpm++ --steps 15 --seed 42 -o rocket.png
+  ldm-app generate "a cat" --sampler lcm            (4 steps of the distilled UNet)
   ldm-app generate --from rocket.png -o again.png
   ldm-app generate "a cat" --model ./my-run/pipeline --device cuda --dtype fp16
 """ + BATCH_EXAMPLES
@@ -92,8 +93,9 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
 @model_option()
 @variant_option
 @click.option("--negative-prompt", default="", callback=utf8_text, help="What to steer away from (replaces the empty prompt in CFG).")
-@click.option("--steps", type=click.IntRange(min=1), default=25, help="Denoising steps.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=5.0, callback=finite, help="Classifier-free guidance scale w (1 = off).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps.  [default: 25; lcm: 4]")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite,
+              help="Classifier-free guidance scale w (1 = off).  [default: 5; lcm: 1]")
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM.")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", help="Reverse-process solver.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed of the first image (random if absent); image i uses seed + i.")
@@ -128,8 +130,8 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
 @threads_option
 @batch_options
 @quiet_option("No progress bar or notes; only the written paths.")
-def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int, guidance: float,
-             eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
+def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int | None,
+             guidance: float | None, eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
              loras: tuple[str, ...], lora_dir: str | None, threads: int | None, prompts_source: str | None,
@@ -137,6 +139,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     """Generate images for PROMPT and print the paths written (or, with --prompts, a data set)."""
     if prompts_source is not None:
         return run_batch(locals(), prompts_source, prompt_column, split, engine, push_to_hub)
+    from ..consistency import use_lcm_student
     from ..generation import generate_images
     from ..images import file_sha256
     from ..loading import dtype_name, load_loras, load_pipeline, model_record, pick_device, pick_dtype
@@ -188,6 +191,8 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         weights_dtype = pick_dtype(dtype, dev)
         pipe = load_pipeline(model, dev, weights_dtype, variant)
         pipe.set_progress_bar_config(disable=quiet, leave=False)
+        if sampler == "lcm" and use_lcm_student(pipe):
+            note("note: using the model's distilled LCM UNet (unet_lcm/)")
         request = dataclasses.replace(request.resolved(pipe), dtype=dtype_name(weights_dtype))  # as resolved
         w, h = request.width, request.height
         if request.drawn_at is not None:

@@ -39,8 +39,8 @@ class Txt2ImgRequest(BaseModel):
     scheduler: str | None = Field(None, description="A1111's schedule type: Karras, or automatic")
     batch_size: int = 1
     n_iter: int = 1
-    steps: int = 25
-    cfg_scale: float = 5.0
+    steps: int | None = None  # None: the sampler's default (25; LCM: 4)
+    cfg_scale: float | None = None  # None: the sampler's default (5; LCM: 1)
     eta: float | None = None
     width: int | None = None
     height: int | None = None

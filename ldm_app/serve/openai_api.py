@@ -35,8 +35,8 @@ class GenerationRequest(BaseModel):
     size: str | None = Field(None, description='"WIDTHxHEIGHT" or "auto" (the model\'s native size)')
     response_format: str = "b64_json"
     negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 5.0
+    steps: int | None = None  # None: the sampler's default (25; lcm: 4)
+    guidance: float | None = None  # None: the sampler's default (5; lcm: 1)
     eta: float = 0.0
     sampler: str = "ddim"
     seed: int | None = None
@@ -103,7 +103,7 @@ async def edits(http: Request) -> dict[str, Any]:
         raise ApiError(422, "prompt is missing; send a form field 'prompt'.", "prompt")
     request = image_request(
         engine, limits, prompt=prompt, negative_prompt=_text(form, "negative_prompt") or "",
-        steps=_number(form, "steps", int, 25), guidance=_number(form, "guidance", float, 5.0),
+        steps=_number(form, "steps", int, None), guidance=_number(form, "guidance", float, None),
         eta=_number(form, "eta", float, 0.0), sampler=_text(form, "sampler") or "ddim",
         seed=_number(form, "seed", int, None), width=width, height=height, n=_number(form, "n", int, 1),
         image=image.convert("RGB") if image.mode == "RGBA" else image, mask=mask,

@@ -1,5 +1,5 @@
 """The gradio UI, mounted at / on the server's FastAPI app: text to image, image to image, inpainting (mask
-drawn in the browser), invert and edit, PNG info. Every button goes through the same queue and the same checks
+drawn in the browser), invert and edit, PNG info, Train LoRA (`ui_train.py`). Every button goes through the same queue and the same checks
 (`validation.py`) as the APIs.
 
 Layout, top to bottom (one column on a phone): the prompt (only on the tabs that use it), the tabs with their
@@ -26,9 +26,12 @@ from fastapi import FastAPI
 from ..inversion import METHODS
 from ..sizes import MAX_UPSCALE, plan_size
 from ..request import GenerationRequest
+from ..samplers import SAMPLERS, sampler_defaults
 from .engine import Engine, read_png_text
+from .jobs import Jobs
 from .queue import Job, JobQueue, QueueFull
 from .settings import Limits
+from .ui_train import train_lora_tab
 from .validation import ApiError, check_edit, decode_image_bytes, image_request
 
 CSS = """
@@ -43,28 +46,11 @@ def mount_ui(app: FastAPI) -> None:
     """Build the UI over `app`'s engine and queue and serve it at /."""
     outputs = Path(tempfile.mkdtemp(prefix="ldm-app-ui-"))  # the PNGs gradio serves (it keeps its own copies)
     app.router.on_shutdown.append(lambda: shutil.rmtree(outputs, ignore_errors=True))
-    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs)
+    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs, app.state.jobs,
+                      app.state.settings.api_key)
     blocks.queue(max_size=app.state.settings.max_queue)  # gradio's own queue, bounded like the server's
     gr.mount_gradio_app(app, blocks, path="/", ssr_mode=False, footer_links=["api"], css=CSS,
                         max_file_size=app.state.settings.limits.max_body_bytes)
-
-
-def image_upload(**kwargs: Any) -> gr.Image:
-    """A gr.Image whose upload of a file that is not an image is one sentence, not gradio's processing error.
-
-    The instance's `preprocess` is wrapped rather than gr.Image subclassed: gradio writes a `.pyi` stub next to
-    the module of every component subclass when it is imported, which fails in a read-only install."""
-    image = gr.Image(**kwargs)
-    plain_preprocess = image.preprocess
-
-    def preprocess(payload: Any) -> Any:
-        try:
-            return plain_preprocess(payload)
-        except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
-            raise gr.Error("That file is not an image; upload a PNG, JPEG or WebP.") from None
-
-    image.preprocess = preprocess
-    return image
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,7 +127,7 @@ def text_tab() -> tuple[gr.Tab, gr.Button]:
 
 def image_tab() -> tuple[gr.Tab, gr.Image, gr.Slider, gr.Button]:
     with gr.Tab("Image to image", id="img2img") as tab:
-        init = image_upload(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
+        init = gr.Image(label="Start from", type="filepath", sources=["upload", "clipboard"], elem_id="init-image")
         strength = gr.Slider(0, 1, value=STRENGTH["img2img"], step=0.05, elem_id="strength-img2img",
                              label="Denoising strength (0 keeps the image, 1 ignores it)")
         button = gr.Button("Generate from image", variant="primary", elem_id="generate-img2img")
@@ -177,7 +163,7 @@ class EditTab:
 
 def edit_tab(engine: Engine, limits: Limits) -> EditTab:
     with gr.Tab("Invert & edit", id="edit") as tab:
-        image = image_upload(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
+        image = gr.Image(label="Real image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-image")
         source = gr.Textbox(label="Source prompt (what the image shows)", elem_id="edit-source")
         target = gr.Textbox(label="Target prompt (what it should become)", elem_id="edit-target")
         with gr.Row():
@@ -212,7 +198,8 @@ def results_panel() -> tuple[gr.Column, Results]:
     return column, Results(gallery, stop, note, seed, info)
 
 
-def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[str, Any], gr.Button, gr.Markdown]:
+def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[str, Any], gr.Button, gr.Markdown,
+                                                            gr.Row]:
     """The settings shared by the generation tabs (the `Form`'s fields from sampler to lora_weight)."""
     labels = engine.sampler_labels()
     step, max_side = size_range(engine, limits)
@@ -235,16 +222,28 @@ def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[s
                                elem_id="height")
         size_note = gr.Markdown(f"This model draws {native}x{native}; sides over {MAX_UPSCALE * native} are drawn "
                                 "smaller and resized up.", elem_id="size-note")
-        with gr.Row(visible=bool(engine.loras)):
+        with gr.Row(visible=bool(engine.loras)) as lora_row:
             loras = gr.Dropdown(list(engine.loras), value=[], multiselect=True, label="LoRAs (or <lora:name:weight> "
                                 "in the prompt)", elem_id="lora-picker", min_width=200)
             lora_weight = gr.Slider(-1, 2, value=0.8, step=0.05, label="LoRA weight", min_width=140,
                                     elem_id="lora-weight")
         allow_empty = gr.Checkbox(False, label="Allow an empty prompt (draws an unconditional sample)",
                                   elem_id="allow-empty")
+    sampler.input(sampler_settings, [sampler, steps, guidance], [steps, guidance])
     form = dict(allow_empty=allow_empty, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                 width=width, height=height, count=count, loras=loras, lora_weight=lora_weight)
-    return accordion, form, reuse, size_note
+    return accordion, form, reuse, size_note, lora_row
+
+
+def sampler_settings(name: str, steps: int, guidance: float) -> tuple[Any, Any]:
+    """Picking a sampler with its own defaults (lcm: 4 steps, CFG 1) sets them; leaving it for another restores
+    the usual ones; other settings are the user's and stay."""
+    own = SAMPLERS[name]
+    if own.steps is not None or own.guidance is not None:
+        return sampler_defaults(name, None, None)
+    if any((steps, guidance) == (s.steps, s.guidance) for s in SAMPLERS.values() if s.steps is not None):
+        return sampler_defaults(name, None, None)
+    return gr.update(), gr.update()
 
 
 def history_panel() -> tuple[gr.State, gr.Gallery]:
@@ -255,8 +254,10 @@ def history_panel() -> tuple[gr.State, gr.Gallery]:
     return state, gallery
 
 
-def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> gr.Blocks:
-    """The page (see the module's docstring), then its handlers (`Handlers`) wired to the components."""
+def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path, jobs: Jobs | None = None,
+             api_key: str | None = None) -> gr.Blocks:
+    """The page (see the module's docstring), then its handlers (`Handlers`) wired to the components; with the
+    server's `jobs`, a Train LoRA tab."""
     with gr.Blocks(title="ldm-app", fill_width=True) as blocks:
         gr.Markdown(f"### ldm-app · `{engine.model_name}`")
         prompt_column, prompt, negative = prompt_panel()
@@ -266,8 +267,9 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> 
             inpaint_tab_, editor, inpaint_strength, inpaint_button = inpaint_tab()
             edit = edit_tab(engine, limits)
             png_tab_, png_file, png_text, png_parsed, send_button = png_tab()
+            train_tab, trained = train_lora_tab(jobs, limits, api_key) if jobs is not None else (None, None)
         results_column, results = results_panel()
-        settings, settings_fields, reuse, size_note = settings_panel(engine, limits)
+        settings, settings_fields, reuse, size_note, lora_row = settings_panel(engine, limits)
         history, history_gallery = history_panel()
         form = Form(prompt=prompt, negative=negative, **settings_fields, history=history, init=init,
                     img2img_strength=img2img_strength, editor=editor, inpaint_strength=inpaint_strength)
@@ -276,13 +278,19 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> 
         ui = Handlers(engine, queue, limits, outputs, form)
         shown = [prompt_column, settings, results_column]  # the prompt and settings only where they are used
         for tab_id, tab in (("txt2img", txt2img_tab), ("img2img", img2img_tab), ("inpaint", inpaint_tab_),
-                            ("edit", edit.tab), ("pnginfo", png_tab_)):
-            tab.select(functools.partial(layout, tab_id), None, shown, queue=False)
+                            ("edit", edit.tab), ("pnginfo", png_tab_), ("train", train_tab)):
+            if tab is not None:
+                tab.select(functools.partial(layout, tab_id), None, shown, queue=False)
+        if trained is not None:  # a fine-tune has ended: its LoRA joins the picker
+            trained.change(lambda name: (gr.Dropdown(choices=list(engine.loras)), gr.Row(visible=True)), trained,
+                           [form.loras, lora_row], queue=False)
         generated = [*results.outputs(), history, history_gallery]
         txt2img_button.click(ui.txt2img, form.inputs(), generated)
-        img2img_button.click(ui.img2img, form.inputs("init", "img2img_strength"), generated)
+        # uploads reach the handlers unprocessed (preprocess=False) and are read as the APIs read theirs: a file
+        # that is not an image is one sentence, not gradio's "Could not preprocess input component"
+        img2img_button.click(ui.img2img, form.inputs("init", "img2img_strength"), generated, preprocess=False)
         inpaint_button.click(ui.inpaint, form.inputs("editor", "inpaint_strength"), generated)
-        edit.button.click(ui.invert_edit, [*edit.inputs(), history], generated)
+        edit.button.click(ui.invert_edit, [*edit.inputs(), history], generated, preprocess=False)
         results.stop.click(ui.stop, None, results.note, queue=False)
         reuse.click(lambda s: s, results.seed, form.seed, queue=False)
         form.width.change(ui.size_note, [form.width, form.height], size_note, queue=False)
@@ -294,7 +302,8 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> 
     return blocks
 
 
-LAYOUT = {"edit": (False, False, True), "pnginfo": (False, False, False)}  # (prompt, settings, results) shown
+LAYOUT = {"edit": (False, False, True), "pnginfo": (False, False, False),  # (prompt, settings, results) shown
+          "train": (False, False, False)}
 
 
 def layout(tab_id: str) -> list:
@@ -366,7 +375,7 @@ class Handlers:
         except ApiError as err:
             raise gr.Error(err.message) from None
 
-    def invert_edit(self, path: str | None, source: str, target: str, method: str, steps: float, guidance: float,
+    def invert_edit(self, path: dict | None, source: str, target: str, method: str, steps: float, guidance: float,
                     cross: float, history: list, request: gr.Request, progress: gr.Progress = gr.Progress()) -> list:
         if path is None:
             raise gr.Error("Upload the image to edit.")
@@ -422,13 +431,17 @@ class Handlers:
             return None
         try:
             return job.future.result()
-        except (ValueError, NotImplementedError) as err:
+        except (ValueError, NotImplementedError, QueueFull) as err:  # QueueFull: also the server shutting down
             raise gr.Error(str(err)) from None
 
     # Files
 
-    def _read_image(self, path: str) -> PIL.Image.Image:
-        """An upload, checked as the APIs check theirs (readable, not a decompression bomb)."""
+    def _read_image(self, upload: dict | str) -> PIL.Image.Image:
+        """An upload (gradio's unprocessed file data, already checked to lie in its upload folder), read as the
+        APIs read theirs: an image, within the pixel limit."""
+        path = upload.get("path") if isinstance(upload, dict) else upload
+        if not isinstance(path, str):
+            raise gr.Error("Upload the image again; its file did not arrive.")
         try:
             return decode_image_bytes(Path(path).read_bytes(), "The uploaded file", self.limits)
         except ApiError as err:

@@ -46,8 +46,8 @@ def parse_size(size: str | None, default: int) -> tuple[int, int]:
     return width, height
 
 
-def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_prompt: str = "", steps: int = 25,
-                  guidance: float = 5.0, eta: float = 0.0, sampler: str = "ddim", seed: int | None = None,
+def image_request(engine: Engine, limits: Limits, *, prompt: str, negative_prompt: str = "",
+                  steps: int | None = None, guidance: float | None = None, eta: float = 0.0, sampler: str = "ddim", seed: int | None = None,
                   width: int | None = None, height: int | None = None, n: int = 1,
                   loras: dict[str, float] | None = None, image: PIL.Image.Image | None = None,
                   mask: PIL.Image.Image | None = None, strength: float = 0.75) -> GenerationRequest:
