@@ -29,6 +29,7 @@ from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_fold
 from .components import UNet, load_unet
 from .consistency import ConsistencyLoss, add_guidance_input, frozen_copy, lcm_scheduler
 from .config import Config, TrainConfig, save_config, validate_config
+from .distributed import check_distributed, describe
 from .encoders import Encoders, pipeline_subfolder
 from .generation import generate_images
 from .hub import make_portable, push_to_hub, share_export, write_model_card
@@ -63,14 +64,19 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
     out = Path(config.train.output_dir).expanduser()
 
     # 1. Set up accelerate (devices, mixed precision, gradient accumulation, trackers) and the run folder
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        log_with=TRACKERS[config.train.report_to],
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    # the saved config says which precision ran, also when it came from `accelerate launch`
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+            log_with=TRACKERS[config.train.report_to],
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    except ImportError as err:  # a DeepSpeed launch without deepspeed installed: accelerate's message says what to do
+        raise ValueError(str(err)) from err
+    # the saved config says which precision and distributed setup ran, also when they came from `accelerate launch`
     config = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, mixed_precision=accelerator.mixed_precision))
+        config.train, mixed_precision=accelerator.mixed_precision,
+        distributed_type=check_distributed(accelerator, config.train.distributed_type)))
+    accelerator.print(f"Training with {describe(accelerator)}, mixed precision {accelerator.mixed_precision}")
     t, obj, train_text = config.train, config.objective, config.lora.train_text_encoder
     rank, world = accelerator.process_index, accelerator.num_processes
     with hold_run_folder(out, accelerator):  # one trainer per run folder; a full disk is one line
