@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 from ldm_app import LdmPipeline
 from ldm_app.atomic import atomic_write
 from ldm_app.consistency import LCM_STUDENT
-from ldm_app.evaluation import frechet_distance, load_clip, r_precision
+from ldm_app.default_clip import load_clip
+from ldm_app.evaluation import frechet_distance, r_precision
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
 from ldm_app.samplers import make_scheduler
 from ldm_app.unet import LdmUNet

@@ -86,6 +86,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     # autocast, master weights stay fp32; unset: what `accelerate launch` was given (its config or flag), else no
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    # accelerate's distributed type (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED); unset: whatever `accelerate launch`
+    # sets up, written back into the run's config.yaml; set: the run refuses to start under any other
+    distributed_type: str | None = None
     use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets sampled and exported
     ema_decay: float = 0.999  # EMAModel's maximum decay (warm-up lets early steps move faster)
     cache: bool = True  # cache VAE posteriors and text-encoder states once, in the run folder

@@ -154,13 +154,18 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
                   batch_size: int = 8, resolution: int | None = None, train_text_encoder: bool = False,
                   class_prompts: list[str] | tuple[str, ...] = (), num_class_images: int = 16, kohya: bool = False,
                   mixed_precision: str = "no", seed: int = 0, resume: bool = False, push_to_hub: str | None = None,
-                  private: bool = False, note: Note = lambda msg: None, progress: bool = True) -> FinetuneResult:
+                  private: bool = False, note: Note = lambda msg: None, progress: bool = True,
+                  checkpoint_every: int | None = None, sample_every: int = 0,
+                  on_step: Callable[[int, float], None] | None = None) -> FinetuneResult:
     """Fine-tune LoRA adapters on the photos in `photos_dir` into the run folder `output`.
 
     Captions come from same-named .txt files, metadata.jsonl, or `prompt`. `class_prompts` turn on DreamBooth
     prior preservation with `num_class_images` images of the base model. `resume` continues a run in `output`.
     The folder gets a model card; `push_to_hub` (owner/name) uploads the LoRA files, card and grid.
-    `progress=False` (--quiet) hides the progress bars.
+    `progress=False` (--quiet) hides the progress bars. `checkpoint_every` (default: a quarter of the steps, at
+    least 50) bounds the steps a crash costs; `sample_every` > 0 draws the trained prompt into `samples/` at that
+    interval; `on_step(step, loss)` is the trainer's progress hook (an exception it raises stops the run at that
+    step; `resume` continues it).
     """
     require_extra("train")
     from .checkpoints import CHECKPOINTS, checkpoints
@@ -193,7 +198,8 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
         train=TrainConfig(output_dir=str(output), seed=seed, batch_size=batch_size, max_steps=steps,
                           mixed_precision=mixed_precision,
                           learning_rate=learning_rate, lr_scheduler="constant", warmup_steps=min(50, steps // 10),
-                          use_ema=False, validation_every=0, checkpoint_every=max(50, steps // 4),
+                          use_ema=False, validation_every=sample_every,
+                          checkpoint_every=checkpoint_every or max(50, steps // 4),
                           keep_checkpoints=1),
         lora=LoraTrainConfig(rank=rank, alpha=alpha, kohya=kohya, train_text_encoder=train_text_encoder),
     )
@@ -217,9 +223,11 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
                     write_class_images(base, staging, list(class_prompts), num_class_images, seed)
         del base  # the trainer loads its own copy
 
-        # 3. Train LoRA adapters with the shared trainer
+        # 3. Train LoRA adapters with the shared trainer (samples, when asked for, of the trained prompt)
+        sample_prompt = prompt or (data_dir / "instance-0000.txt").read_text(encoding="utf-8")
+        config.train.validation_prompts = [sample_prompt]
         try:
-            lora_file = train(config, progress=progress)
+            lora_file = train(config, progress=progress, on_step=on_step)
         except TrainingError as err:
             raise ValueError(str(err)) from None
     except BaseException:
@@ -229,7 +237,6 @@ def finetune_lora(photos_dir: str | Path, output: str | Path, model: str = DEFAU
 
     # 4. Before/after grid for the trained prompt
     grid = output / "before_after.png"
-    sample_prompt = prompt or (data_dir / "instance-0000.txt").read_text(encoding="utf-8")
     before_after_grid(model, output, sample_prompt, grid)
     share_export(output, "lora", model, [sample_prompt], grid, dataclasses.asdict(config), push_to=push_to_hub,
                  private=private, allow_patterns=[LORA_FILE, KOHYA_FILE])

@@ -216,7 +216,8 @@ def make_portable(folder: str | os.PathLike) -> Path:
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
-                commit_message: str = "Upload with ldm-app", allow_patterns: Sequence[str] | None = None) -> str:
+                commit_message: str = "Upload with ldm-app", allow_patterns: Sequence[str] | None = None,
+                repo_type: Literal["model", "dataset"] = "model") -> str:
     """Upload an exported folder to the Hub repo `repo_id` (created if missing); returns the commit's URL.
 
     `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`); HF_ENDPOINT picks another Hub.
@@ -230,8 +231,9 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
         raise ValueError(f"{folder} has no README.md; write its model card first (ldm_app.hub.write_model_card).")
     api = HfApi(token=token)
     try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
+                                   repo_type=repo_type,
                                    allow_patterns=[*allow_patterns, "README.md"] if allow_patterns else None,
                                    ignore_patterns=[".*", "*.tmp*", "__pycache__/*"])
     except OfflineModeIsEnabled as error:

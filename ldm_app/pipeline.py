@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, UNet2DC
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor, is_valid_image_imagelist
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput, StableDiffusionMixin
 from diffusers.guiders.guider_utils import rescale_noise_cfg
@@ -78,7 +78,8 @@ def classifier_free_guidance(noise_uncond: torch.Tensor, noise_text: torch.Tenso
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
-class LdmPipeline(LdmLoadersMixin, DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
+class LdmPipeline(LdmLoadersMixin, DiffusionPipeline, StableDiffusionMixin, TextualInversionLoaderMixin,
+                  StableDiffusionLoraLoaderMixin):
     """VAE + CLIP text encoder + UNet (`LdmUNet` or `UNet2DConditionModel`) + scheduler.
 
     `pipe("a cat").images[0]` samples an image; `pipe("a cat", image=photo, strength=0.6)` redraws a picture
@@ -280,6 +281,7 @@ class LdmPipeline(LdmLoadersMixin, DiffusionPipeline, StableDiffusionMixin, Stab
         return max(0, len(self.tokenizer(prompt, verbose=False).input_ids) - self.tokenizer.model_max_length)
 
     def _embed(self, texts: list[str], device: torch.device, clip_skip: int | None = None) -> torch.Tensor:
+        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion tokens of several vectors
         tokens = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         dropped = max(self.dropped_tokens(text) for text in texts)

@@ -29,6 +29,7 @@ from .checkpoints import (CHECKPOINTS, TrainingError, checkpoints, hold_run_fold
 from .components import UNet, load_unet
 from .consistency import ConsistencyLoss, add_guidance_input, frozen_copy, lcm_scheduler
 from .config import Config, TrainConfig, save_config, validate_config
+from .distributed import check_distributed, describe
 from .encoders import Encoders, pipeline_subfolder
 from .generation import generate_images
 from .hub import make_portable, push_to_hub, share_export, write_model_card
@@ -49,25 +50,33 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard
 # The loop
 
 
-def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True) -> Path:
+def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> Path:
     """Train (or resume) the run in `config.train.output_dir`; returns its exported pipeline folder, or with
     LoRA (`lora.rank > 0`) the adapters' file, `pytorch_lora_weights.safetensors`.
 
     `setup_unet` may freeze parameters or add hooks before the optimizer is built; only parameters that still
     require grad are optimised. `progress=False` (a command's --quiet) hides the progress bars and notes.
+    `on_step(step, loss)` runs after each step's checkpoint and validation: a server reports progress there, and
+    an exception it raises stops the run at that step boundary (re-running resumes).
     """
     validate_config(config)  # also for a Config built in code rather than by load_config
     out = Path(config.train.output_dir).expanduser()
 
     # 1. Set up accelerate (devices, mixed precision, gradient accumulation, trackers) and the run folder
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        log_with=TRACKERS[config.train.report_to],
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    # the saved config says which precision ran, also when it came from `accelerate launch`
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+            log_with=TRACKERS[config.train.report_to],
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    except ImportError as err:  # a DeepSpeed launch without deepspeed installed: accelerate's message says what to do
+        raise ValueError(str(err)) from err
+    # the saved config says which precision and distributed setup ran, also when they came from `accelerate launch`
     config = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, mixed_precision=accelerator.mixed_precision))
+        config.train, mixed_precision=accelerator.mixed_precision,
+        distributed_type=check_distributed(accelerator, config.train.distributed_type)))
+    accelerator.print(f"Training with {describe(accelerator)}, mixed precision {accelerator.mixed_precision}")
     t, obj, train_text = config.train, config.objective, config.lora.train_text_encoder
     rank, world = accelerator.process_index, accelerator.num_processes
     with hold_run_folder(out, accelerator):  # one trainer per run folder; a full disk is one line
@@ -169,6 +178,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
             if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0:
                 pipe = make_pipeline(accelerator, trained, ema, encoders, config)
                 validation_grid(pipe, config, out / "samples" / f"step-{step:07d}.png")
+            if on_step is not None:
+                on_step(step, loss.item())
             if out_of_time:
                 accelerator.print(f"Time budget of {t.max_minutes} min reached at step {step}; re-run to continue.")
                 break

@@ -179,6 +179,16 @@ def test_guidance_rescale_matches(text2img, kwargs):
     assert np.abs(got - run(ours, PROMPTS, guidance_scale=5.0, eta=kwargs.get("eta", 0.0))).max() > 1e-3
 
 
+def test_textual_inversion_embeddings_load_and_expand_as_in_diffusers():
+    ours, theirs = pair(StableDiffusionPipeline, tiny_components("diffusers"))
+    torch.manual_seed(3)
+    ours.load_textual_inversion({"<toy>": torch.randn(2, 32)}, token="<toy>")  # two vectors: "<toy> <toy>_1"
+    kwargs = dict(negative_prompt="a <toy>", guidance_scale=3.0)
+    got = run(ours, "a <toy> cat", **kwargs)
+    same(got, run(theirs, "a <toy> cat", **kwargs))  # theirs shares the tokenizer and text encoder ours extended
+    assert np.abs(got - run(ours, "a cat", negative_prompt="a", guidance_scale=3.0)).max() > 1e-3
+
+
 def test_lora_scale_per_call_through_cross_attention_kwargs():
     components = tiny_components("diffusers")
     torch.manual_seed(1)

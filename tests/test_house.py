@@ -26,6 +26,8 @@ LAZY_IMPORTS = {
     ("ldm_app.finetune", "ldm_app.trainer"): "optional extra: training needs ldm-app[train] (require_extra first)",
     ("ldm_app.distill", "ldm_app.trainer"): "optional extra: as above",
     ("ldm_app.finetune", "ldm_app.checkpoints"): "optional extra: as above",
+    ("ldm_app.serve.jobs.service", "ldm_app.checkpoints"): "optional extra: a server without ldm-app[train] "
+                                                            "serves, and its fine-tune jobs fail with the reason",
     ("ldm_app.serve", "ldm_app.serve.*"): "optional extra: the web extra is checked before the server's modules load",
     ("ldm_app.serve.app", "ldm_app.serve.*"): "optional extra: the routers and gradio load with the app",
     ("ldm_app.serve.server", "ldm_app.serve.*"): "privacy: telemetry is switched off before gradio is imported",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import model_option, quiet_option
+from .common import model_option
 
 DISTILL_EXAMPLES = """
 
@@ -35,9 +35,8 @@ Examples:
               help="Range of the teacher's CFG scale, baked into the student.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Seed of the data order and noise.")
-@quiet_option()
 def distill(model: str, data: str, output: Path, lora: bool, rank: int, steps: int, batch_size: int,
-            lr: float | None, guidance: tuple[float, float], mixed_precision: str, seed: int, quiet: bool) -> None:
+            lr: float | None, guidance: tuple[float, float], mixed_precision: str, seed: int) -> None:
     """Distil a model into a latent consistency model (LCM) that samples in 2-8 steps with --sampler lcm."""
     from ..distill import distill_lcm
 

@@ -13,6 +13,7 @@ import click
 
 from ..loading import trusted_model
 from ..samplers import SAMPLERS
+from .batch import BATCH_EXAMPLES, batch_options, run_batch
 from .common import (UserError, device_option, dtype_option, finite, model_option, notes,
                      quiet_option, threads_option, utf8_text, variant_option)
 
@@ -32,7 +33,7 @@ Examples:
   ldm-app generate "a cat" --sampler lcm            (4 steps of the distilled UNet)
   ldm-app generate --from rocket.png -o again.png
   ldm-app generate "a cat" --model ./my-run/pipeline --device cuda --dtype fp16
-"""
+""" + BATCH_EXAMPLES
 # The options a PNG's parameters fill in for --from (its input files are checked separately)
 RECORDED_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance", "eta", "sampler", "seed", "width", "height",
                     "model", "dtype", "loras", "strength", "mask_feather")
@@ -127,13 +128,17 @@ def resolve_lora_tags(prompt: str, loras: tuple[str, ...], lora_dir: str | None)
 @click.option("--lora-dir", type=click.Path(file_okay=False), default=None,
               help="Folder in which <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (A1111's syntax).")
 @threads_option
+@batch_options
 @quiet_option("No progress bar or notes; only the written paths.")
 def generate(prompt: str | None, model: str, variant: str | None, negative_prompt: str, steps: int | None,
              guidance: float | None, eta: float, sampler: str, seed: int | None, num_images: int, batch_size: int, height: int | None, width: int | None,
              output: str | None, overwrite: bool, grid: bool, device: str, dtype: str, image_path: str | None,
              strength: float | None, mask_path: str | None, no_paste_back: bool, mask_feather: int | None,
-             loras: tuple[str, ...], lora_dir: str | None, threads: int | None, quiet: bool) -> None:
-    """Generate images for PROMPT and print the paths written."""
+             loras: tuple[str, ...], lora_dir: str | None, threads: int | None, prompts_source: str | None,
+             prompt_column: str, split: str, engine: str, push_to_hub: str | None, quiet: bool) -> None:
+    """Generate images for PROMPT and print the paths written (or, with --prompts, a data set)."""
+    if prompts_source is not None:
+        return run_batch(locals(), prompts_source, prompt_column, split, engine, push_to_hub)
     from ..consistency import use_lcm_student
     from ..generation import generate_images
     from ..images import file_sha256
@@ -188,6 +193,9 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         pipe.set_progress_bar_config(disable=quiet, leave=False)
         if sampler == "lcm" and use_lcm_student(pipe):
             note("note: using the model's distilled LCM UNet (unet_lcm/)")
+        elif sampler == "lcm" and not loras:
+            note("warning: --sampler lcm needs a consistency-distilled model (ldm-app distill) or an LCM-LoRA "
+                 "(--lora); this model has neither, so expect poor images")
         request = dataclasses.replace(request.resolved(pipe), dtype=dtype_name(weights_dtype))  # as resolved
         w, h = request.width, request.height
         if request.drawn_at is not None:

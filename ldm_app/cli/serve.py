@@ -51,14 +51,19 @@ Examples:
 @click.option("--telemetry", is_flag=True,
               help="Let gradio check for updates and send its usage analytics (off: the server contacts no one).")
 @click.option("--no-ui", is_flag=True, help="Serve the APIs only.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for jobs (fine-tunes, queued generations, finished LoRAs), kept across restarts: a killed "
+                   "server resumes them. Default: a temporary folder.")
 def serve(model: str, variant: str | None, loras: tuple[str, ...], lora_dir: str | None, host: str, port: int,
           api_key: str | None, insecure: bool, device: str, dtype: str, threads: int | None, max_queue: int,
           max_batch: int, max_pixels: int, max_steps: int, max_images: int, max_body_mb: float,
-          max_prompt_chars: int, head_timeout: float, body_timeout: float, telemetry: bool, no_ui: bool) -> None:
+          max_prompt_chars: int, head_timeout: float, body_timeout: float, telemetry: bool, no_ui: bool,
+          data_dir: str | None) -> None:
     """Serve a web UI, AUTOMATIC1111's API (/sdapi/v1) and OpenAI's images API (/v1/images) on one model."""
     from ..serve import run_server
 
     limits = Limits(max_pixels, max_steps, max_images, int(max_body_mb * 2**20), max_prompt_chars)
     settings = Settings(api_key=api_key, max_queue=max_queue, max_batch=max_batch, ui=not no_ui, limits=limits,
-                        head_timeout=head_timeout, body_timeout=body_timeout, telemetry=telemetry)
+                        head_timeout=head_timeout, body_timeout=body_timeout, telemetry=telemetry,
+                        data_dir=data_dir)
     run_server(model, loras, host, port, settings, insecure, device, dtype, lora_dir, variant, threads)

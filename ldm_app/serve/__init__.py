@@ -25,7 +25,9 @@ def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), 
     """Load the model and LoRAs, then serve until interrupted (see `server.py` for what happens on SIGTERM).
     Raises ValueError, before loading anything, for a non-loopback `host` without an API key unless `insecure`,
     and for a missing web extra. `threads`: torch's CPU threads (None: one per physical core)."""
+    import dataclasses
     import importlib.util
+    import os
 
     settings = settings or Settings()
     check_bind(host, settings.api_key, insecure)
@@ -34,6 +36,10 @@ def run_server(model: str = "default", loras: list[str] | tuple[str, ...] = (), 
     if missing:
         raise ValueError(f"ldm-app serve needs the web extra ({', '.join(missing)} missing): pip install "
                          "\"ldm-app[web]\"")
+    if settings.data_dir is not None and lora_dir is None:  # fine-tunes finish into the data folder: offer those
+        lora_dir = os.path.join(os.path.expanduser(settings.data_dir), "loras")
+        os.makedirs(lora_dir, exist_ok=True)
+    settings = dataclasses.replace(settings, lora_dir=lora_dir)  # where finished fine-tunes go
     from .server import serve
 
     serve(model, list(loras), host, port, settings, device, dtype, lora_dir, variant, threads)

@@ -15,6 +15,7 @@ from . import a1111, openai_api
 from .auth import RequireKey, Sessions, add_login
 from .engine import Engine
 from .errors import install_error_handlers
+from .jobs import add_jobs
 from .middleware import ApiMethods, BodyLimit, InFlightLimit
 from .queue import JobQueue
 from .settings import Settings
@@ -27,6 +28,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     queue.start()
     app = FastAPI(title="ldm-app", version="0.1.0", on_shutdown=[queue.stop])
     app.state.engine, app.state.settings, app.state.queue = engine, settings, queue
+    add_jobs(app, engine, queue, settings)  # ldm-app's jobs API, and the jobs a previous run left
 
     # 1. Errors: a 4xx that says what to fix, in the shape each API's clients parse; never a traceback
     install_error_handlers(app)

@@ -31,6 +31,8 @@ class Settings:
     max_queue: int = 32  # requests waiting for the model; one more gets 503 + Retry-After
     max_batch: int = 16  # images per pipeline call when compatible requests are batched
     ui: bool = True  # mount the gradio UI at / (needs the `web` extra's gradio)
+    data_dir: str | None = None  # jobs database and job folders (--data-dir); None: a temporary folder
+    lora_dir: str | None = None  # where finished fine-tunes go (--lora-dir); None: <data_dir>/loras
     limits: Limits = field(default_factory=Limits)
     head_timeout: float = 10.0  # s from connect (or the previous response) to a request's complete head
     body_timeout: float = 60.0  # s from a request's head to its body's last byte (32 MB: about 4.5 Mbit/s)

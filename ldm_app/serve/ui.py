@@ -1,5 +1,5 @@
 """The gradio UI, mounted at / on the server's FastAPI app: text to image, image to image, inpainting (mask
-drawn in the browser), invert and edit, PNG info. Every button goes through the same queue and the same checks
+drawn in the browser), invert and edit, PNG info, Train LoRA (`ui_train.py`). Every button goes through the same queue and the same checks
 (`validation.py`) as the APIs.
 
 Layout, top to bottom (one column on a phone): the prompt (only on the tabs that use it), the tabs with their
@@ -28,8 +28,10 @@ from ..sizes import MAX_UPSCALE, plan_size
 from ..request import GenerationRequest
 from ..samplers import SAMPLERS, sampler_defaults
 from .engine import Engine, read_png_text
+from .jobs import Jobs
 from .queue import Job, JobQueue, QueueFull
 from .settings import Limits
+from .ui_train import train_lora_tab
 from .validation import ApiError, check_edit, decode_image_bytes, image_request
 
 CSS = """
@@ -44,7 +46,8 @@ def mount_ui(app: FastAPI) -> None:
     """Build the UI over `app`'s engine and queue and serve it at /."""
     outputs = Path(tempfile.mkdtemp(prefix="ldm-app-ui-"))  # the PNGs gradio serves (it keeps its own copies)
     app.router.on_shutdown.append(lambda: shutil.rmtree(outputs, ignore_errors=True))
-    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs)
+    blocks = build_ui(app.state.engine, app.state.queue, app.state.settings.limits, outputs, app.state.jobs,
+                      app.state.settings.api_key)
     blocks.queue(max_size=app.state.settings.max_queue)  # gradio's own queue, bounded like the server's
     gr.mount_gradio_app(app, blocks, path="/", ssr_mode=False, footer_links=["api"], css=CSS,
                         max_file_size=app.state.settings.limits.max_body_bytes)
@@ -195,7 +198,8 @@ def results_panel() -> tuple[gr.Column, Results]:
     return column, Results(gallery, stop, note, seed, info)
 
 
-def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[str, Any], gr.Button, gr.Markdown]:
+def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[str, Any], gr.Button, gr.Markdown,
+                                                            gr.Row]:
     """The settings shared by the generation tabs (the `Form`'s fields from sampler to lora_weight)."""
     labels = engine.sampler_labels()
     step, max_side = size_range(engine, limits)
@@ -218,7 +222,7 @@ def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[s
                                elem_id="height")
         size_note = gr.Markdown(f"This model draws {native}x{native}; sides over {MAX_UPSCALE * native} are drawn "
                                 "smaller and resized up.", elem_id="size-note")
-        with gr.Row(visible=bool(engine.loras)):
+        with gr.Row(visible=bool(engine.loras)) as lora_row:
             loras = gr.Dropdown(list(engine.loras), value=[], multiselect=True, label="LoRAs (or <lora:name:weight> "
                                 "in the prompt)", elem_id="lora-picker", min_width=200)
             lora_weight = gr.Slider(-1, 2, value=0.8, step=0.05, label="LoRA weight", min_width=140,
@@ -228,7 +232,7 @@ def settings_panel(engine: Engine, limits: Limits) -> tuple[gr.Accordion, dict[s
     sampler.input(sampler_settings, [sampler, steps, guidance], [steps, guidance])
     form = dict(allow_empty=allow_empty, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                 width=width, height=height, count=count, loras=loras, lora_weight=lora_weight)
-    return accordion, form, reuse, size_note
+    return accordion, form, reuse, size_note, lora_row
 
 
 def sampler_settings(name: str, steps: int, guidance: float) -> tuple[Any, Any]:
@@ -250,8 +254,10 @@ def history_panel() -> tuple[gr.State, gr.Gallery]:
     return state, gallery
 
 
-def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> gr.Blocks:
-    """The page (see the module's docstring), then its handlers (`Handlers`) wired to the components."""
+def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path, jobs: Jobs | None = None,
+             api_key: str | None = None) -> gr.Blocks:
+    """The page (see the module's docstring), then its handlers (`Handlers`) wired to the components; with the
+    server's `jobs`, a Train LoRA tab."""
     with gr.Blocks(title="ldm-app", fill_width=True) as blocks:
         gr.Markdown(f"### ldm-app · `{engine.model_name}`")
         prompt_column, prompt, negative = prompt_panel()
@@ -261,8 +267,9 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> 
             inpaint_tab_, editor, inpaint_strength, inpaint_button = inpaint_tab()
             edit = edit_tab(engine, limits)
             png_tab_, png_file, png_text, png_parsed, send_button = png_tab()
+            train_tab, trained = train_lora_tab(jobs, limits, api_key) if jobs is not None else (None, None)
         results_column, results = results_panel()
-        settings, settings_fields, reuse, size_note = settings_panel(engine, limits)
+        settings, settings_fields, reuse, size_note, lora_row = settings_panel(engine, limits)
         history, history_gallery = history_panel()
         form = Form(prompt=prompt, negative=negative, **settings_fields, history=history, init=init,
                     img2img_strength=img2img_strength, editor=editor, inpaint_strength=inpaint_strength)
@@ -271,8 +278,12 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> 
         ui = Handlers(engine, queue, limits, outputs, form)
         shown = [prompt_column, settings, results_column]  # the prompt and settings only where they are used
         for tab_id, tab in (("txt2img", txt2img_tab), ("img2img", img2img_tab), ("inpaint", inpaint_tab_),
-                            ("edit", edit.tab), ("pnginfo", png_tab_)):
-            tab.select(functools.partial(layout, tab_id), None, shown, queue=False)
+                            ("edit", edit.tab), ("pnginfo", png_tab_), ("train", train_tab)):
+            if tab is not None:
+                tab.select(functools.partial(layout, tab_id), None, shown, queue=False)
+        if trained is not None:  # a fine-tune has ended: its LoRA joins the picker
+            trained.change(lambda name: (gr.Dropdown(choices=list(engine.loras)), gr.Row(visible=True)), trained,
+                           [form.loras, lora_row], queue=False)
         generated = [*results.outputs(), history, history_gallery]
         txt2img_button.click(ui.txt2img, form.inputs(), generated)
         # uploads reach the handlers unprocessed (preprocess=False) and are read as the APIs read theirs: a file
@@ -291,7 +302,8 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path) -> 
     return blocks
 
 
-LAYOUT = {"edit": (False, False, True), "pnginfo": (False, False, False)}  # (prompt, settings, results) shown
+LAYOUT = {"edit": (False, False, True), "pnginfo": (False, False, False),  # (prompt, settings, results) shown
+          "train": (False, False, False)}
 
 
 def layout(tab_id: str) -> list:

@@ -20,3 +20,11 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
     training/train_ldm.py --config configs/emoji64.yaml train.max_minutes="${UNET_MINUTES:-90}"
 python $HERE/assemble.py --pipeline $RUNS/unet/pipeline --out ldm_app/default_model
 python benchmarks/eval_default_model.py --data $RUNS/data/emoji64 --json $RUNS/eval.json
+# LCM student of the shipped model (4-step sampling, `--sampler lcm`); LCM_MINUTES bounds this invocation
+[ -f ldm_app/default_model/unet_lcm/config.json ] || {
+    accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        --num_cpu_threads_per_process "$(nproc)" \
+        training/train_ldm.py --config configs/emoji64-lcm.yaml train.max_minutes="${LCM_MINUTES:-90}"
+    python $HERE/ship_lcm.py --pipeline $RUNS/lcm-default/pipeline --out ldm_app/default_model
+    python benchmarks/lcm_quality.py --data $RUNS/data/emoji64 --json $RUNS/lcm-quality.json
+}
