@@ -140,6 +140,10 @@ def params_from_json(raw: str, source: str) -> GenerationRequest:
     if missing:
         raise ValueError(f"{source}'s ldm-app parameters are damaged (missing {', '.join(missing)}); "
                          "pass a PNG written by ldm-app generate.")
+    unset = [key for key in ("steps", "guidance") if stored[key] is None]  # a request fills None in per sampler
+    if unset:
+        raise ValueError(f"{source}: {unset[0]} is None, expected a number; the PNG's parameters are damaged or were "
+                         "edited: pass a PNG written by ldm-app generate, or the options themselves.")
     return checked(GenerationRequest(**{name: stored[key] for key, name in JSON_FIELDS.items() if key in stored}),
                    source)
 

@@ -106,7 +106,7 @@ def test_a1111_reads_every_field_back_with_commas_quotes_colons_and_two_loras(tm
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_each_sampler_is_written_with_a_name_a1111_knows_and_ddim_eta_as_eta_ddim(sampler):
-    a1111_names = {"DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "UniPC"}  # sd_samplers_*.py labels
+    a1111_names = {"DDIM", "Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "UniPC", "LCM"}  # sd_samplers_*.py labels
     got = a1111_parse_generation_parameters(a1111_text(params(sampler=sampler, eta=0.3)))
     assert got["Sampler"] in a1111_names and got["RNG"] == "CPU"
     assert got.get("Schedule type") == ("Karras" if sampler.endswith("-karras") else None)
