@@ -282,3 +282,15 @@ def test_every_tab_in_a_phone_browser(browser, server, tmp_path):
     assert np.abs(inpainted[32, 32] - [40, 60, 220]).sum() > 30  # the painted middle was repainted
     browser.save_screenshot(str(shot.with_name("serve-browser-inpaint.png")))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history .thumbnail-item img")) == 6)
+
+    # 12. The user errors above (an empty prompt, a non-image, bad PNG parameters) are one line each in the
+    # server's log, never gradio's traceback
+    log = (tmp_path / "server.log").read_text()
+    assert "UI: Type a prompt first" in log and re.search(r"UI: .*not an image", log)
+    assert "Traceback" not in log, log[-3000:]
+
+    # 13. "Log out" in the page's header ends the session: the login form again, and the UI needs the key
+    browser.get(browser.find_element(By.CSS_SELECTOR, "a[href$='/logout']").get_attribute("href"))  # gradio: new tab
+    wait.until(lambda d: d.current_url.endswith("/login"))
+    browser.get(server + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=password]"))

@@ -32,6 +32,7 @@ from .jobs import Jobs
 from .queue import Job, JobQueue, QueueFull
 from .settings import Limits
 from .ui_train import train_lora_tab
+from .ui_errors import user_error
 from .validation import ApiError, check_edit, decode_image_bytes, image_request
 
 CSS = """
@@ -259,7 +260,8 @@ def build_ui(engine: Engine, queue: JobQueue, limits: Limits, outputs: Path, job
     """The page (see the module's docstring), then its handlers (`Handlers`) wired to the components; with the
     server's `jobs`, a Train LoRA tab."""
     with gr.Blocks(title="ldm-app", fill_width=True) as blocks:
-        gr.Markdown(f"### ldm-app · `{engine.model_name}`")
+        signed_in = " · [Log out](/logout)" if api_key is not None else ""  # the session cookie's end
+        gr.Markdown(f"### ldm-app · `{engine.model_name}`{signed_in}")
         prompt_column, prompt, negative = prompt_panel()
         with gr.Tabs(overflow_behavior="wrap") as tabs:  # on a phone the tabs wrap instead of hiding behind "⋯"
             txt2img_tab, txt2img_button = text_tab()
@@ -331,7 +333,7 @@ class Handlers:
     def img2img(self, values: dict, request: gr.Request, progress: gr.Progress = gr.Progress()) -> list:
         v = self.form.read(values)
         if v["init"] is None:
-            raise gr.Error("Upload an image to start from.")
+            raise user_error("Upload an image to start from.")
         return self._generate(v, self._read_image(v["init"]), None, v["img2img_strength"], request, progress)
 
     def inpaint(self, values: dict, request: gr.Request, progress: gr.Progress = gr.Progress()) -> list:
@@ -360,7 +362,7 @@ class Handlers:
         refused unless the box under Settings says it is meant."""
         prompt = v["prompt"] if isinstance(v["prompt"], str) else ""
         if not prompt.strip() and not v["allow_empty"]:
-            raise gr.Error("Type a prompt first (to draw an unconditional sample on purpose, tick \"Allow an empty "
+            raise user_error("Type a prompt first (to draw an unconditional sample on purpose, tick \"Allow an empty "
                            "prompt\" under Settings).")
         picked = v["loras"] or []
         try:
@@ -373,18 +375,18 @@ class Handlers:
                 loras={name: number(v["lora_weight"], "LoRA weight") for name in picked} or None, image=image,
                 mask=mask, **({} if strength is None else {"strength": number(strength, "Denoising strength")}))
         except ApiError as err:
-            raise gr.Error(err.message) from None
+            raise user_error(err.message) from None
 
     def invert_edit(self, path: dict | None, source: str, target: str, method: str, steps: float, guidance: float,
                     cross: float, history: list, request: gr.Request, progress: gr.Progress = gr.Progress()) -> list:
         if path is None:
-            raise gr.Error("Upload the image to edit.")
+            raise user_error("Upload the image to edit.")
         steps_, guidance_, cross_ = whole(steps, "Steps"), number(guidance, "Guidance"), number(cross, "Cross")
         try:
             check_edit(self.engine, self.limits, source=source, target=target, method=method, steps=steps_,
                        guidance=guidance_, cross_attention=cross_)
         except ApiError as err:
-            raise gr.Error(err.message) from None
+            raise user_error(err.message) from None
         image = self._read_image(path)
         task = lambda e: e.invert_and_edit(image, source, target, method, steps_, guidance_, cross_)  # noqa: E731
         images = self._wait(self._submit(task=task), request, progress)
@@ -413,7 +415,7 @@ class Handlers:
         try:
             return self.queue.submit(**kwargs)
         except QueueFull as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
 
     def _wait(self, job: Job, request: gr.Request, progress: gr.Progress) -> Any:
         """Block this UI worker until the job is done, moving the progress bar per denoising step; None when the
@@ -432,7 +434,7 @@ class Handlers:
         try:
             return job.future.result()
         except (ValueError, NotImplementedError, QueueFull) as err:  # QueueFull: also the server shutting down
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
 
     # Files
 
@@ -441,11 +443,11 @@ class Handlers:
         APIs read theirs: an image, within the pixel limit."""
         path = upload.get("path") if isinstance(upload, dict) else upload
         if not isinstance(path, str):
-            raise gr.Error("Upload the image again; its file did not arrive.")
+            raise user_error("Upload the image again; its file did not arrive.")
         try:
             return decode_image_bytes(Path(path).read_bytes(), "The uploaded file", self.limits)
         except ApiError as err:
-            raise gr.Error(err.message) from None
+            raise user_error(err.message) from None
 
     def _save(self, request: GenerationRequest, images: list[PIL.Image.Image]) -> list[str]:
         paths = []
@@ -477,7 +479,7 @@ class Handlers:
         try:
             text, items, fields_ = read_png_text(Path(path).read_bytes())
         except Exception:  # noqa: BLE001  (whatever PIL or the parser raise, the person gets one sentence)
-            raise gr.Error("That file is not a PNG whose parameters can be read; drop a PNG made by ldm-app or "
+            raise user_error("That file is not a PNG whose parameters can be read; drop a PNG made by ldm-app or "
                            "A1111.") from None
         try:
             stored = json.loads(items["ldm-app"]) if "ldm-app" in items else {}
@@ -494,7 +496,7 @@ class Handlers:
         parsed = parsed if isinstance(parsed, dict) else {}
         stored, fields_ = parsed.get("ldm-app") or {}, parsed.get("fields") or {}
         if not isinstance(stored, dict) or not isinstance(fields_, dict) or not (stored or fields_):
-            raise gr.Error("No parameters to send; drop a PNG made by ldm-app or A1111 first.")
+            raise user_error("No parameters to send; drop a PNG made by ldm-app or A1111 first.")
         step, max_side = size_range(self.engine, self.limits)
         size = str(fields_.get("Size", "x")).split("x")
 
@@ -531,7 +533,7 @@ def whole(value: Any, name: str) -> int:
             return int(float(value))
     except (TypeError, ValueError, OverflowError):
         pass
-    raise gr.Error(f"{name} must be a whole number.")
+    raise user_error(f"{name} must be a whole number.")
 
 
 def number(value: Any, name: str) -> float:
@@ -540,18 +542,18 @@ def number(value: Any, name: str) -> float:
     except (TypeError, ValueError):
         result = math.nan
     if not math.isfinite(result):
-        raise gr.Error(f"{name} must be a finite number.")
+        raise user_error(f"{name} must be a finite number.")
     return result
 
 
 def editor_image_and_mask(value: dict | None) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """gradio's ImageEditor value → (the uploaded image, white where the user painted)."""
     if not value or value.get("background") is None:
-        raise gr.Error("Upload an image to inpaint, then paint over the area to repaint.")
+        raise user_error("Upload an image to inpaint, then paint over the area to repaint.")
     background = value["background"].convert("RGB")
     painted = np.zeros(background.size[::-1], dtype=bool)
     for layer in value.get("layers") or []:
         painted |= np.asarray(layer.convert("RGBA").resize(background.size))[..., 3] > 0
     if not painted.any():
-        raise gr.Error("Nothing is painted; paint over the area to repaint.")
+        raise user_error("Nothing is painted; paint over the area to repaint.")
     return background, PIL.Image.fromarray(painted.astype(np.uint8) * 255)

@@ -17,6 +17,7 @@ from .jobs.api import owner_for_key
 from .jobs.photos import stage_uploads
 from .jobs.service import Jobs
 from .jobs.training import FinetuneOptions, samples
+from .ui_errors import user_error
 from .validation import ApiError
 
 
@@ -31,7 +32,7 @@ def photo_captions(paths: list[str] | None) -> list[list[str]]:
                                  else None) for e in archive.infolist() if not e.is_dir()
                                 and "__MACOSX" not in e.filename]
             except (zipfile.BadZipFile, OSError):
-                raise gr.Error(f"{Path(path).name} is not a zip file that can be read.") from None
+                raise user_error(f"{Path(path).name} is not a zip file that can be read.") from None
         else:
             entries.append((Path(path).name, Path(path).read_bytes() if path.endswith(".txt") else None))
     texts = {Path(name).stem: raw.decode("utf-8", "replace").strip() for name, raw in entries if raw is not None}
@@ -47,7 +48,7 @@ def train_lora_tab(jobs: Jobs, limits: Any, api_key: str | None) -> tuple[gr.Tab
     def start(paths: list[str] | None, table: Any, prompt: str, name: str, steps: float, rank: float, lr: float,
               batch_size: float, text_encoder: bool, class_prompt: str, fmt: str, seed: float) -> tuple:
         if not paths:
-            raise gr.Error("Drop some photos (or a .zip of them) first.")
+            raise user_error("Drop some photos (or a .zip of them) first.")
         rows = table.values.tolist() if isinstance(table, pd.DataFrame) else (table or [])
         captions = {str(row[0]): str(row[1]).strip() for row in rows if len(row) > 1 and str(row[1] or "").strip()}
         try:
@@ -63,9 +64,9 @@ def train_lora_tab(jobs: Jobs, limits: Any, api_key: str | None) -> tuple[gr.Tab
             record = jobs.submit_finetune(
                 options, lambda folder: stage_uploads(uploads, captions, options.prompt, folder, limits), owner)
         except ApiError as err:
-            raise gr.Error(err.message) from None
+            raise user_error(err.message) from None
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         return record.id, f"Queued **{options.name}** ({options.steps} steps)…", gr.Timer(active=True)
 
     def watch(job_id: str) -> tuple:
@@ -94,7 +95,7 @@ def train_lora_tab(jobs: Jobs, limits: Any, api_key: str | None) -> tuple[gr.Tab
 
     def cancel(job_id: str) -> str:
         if not job_id:
-            raise gr.Error("No training is running.")
+            raise user_error("No training is running.")
         record = jobs.cancel(job_id)
         return f"Cancelling **{record.params['name']}** at its next step…" if not record.final else gr.update()
 
