@@ -79,6 +79,19 @@ def model_fingerprint(pipe: LdmPipeline) -> str:
 
 
 @torch.no_grad()
+def r_precision_setup(rng: random.Random, train_rows: list[dict], n: int
+                      ) -> tuple[list[int], list[str], list[str], torch.Tensor, torch.Tensor]:
+    """The R-precision task, the same in every benchmark (drawn from `rng`, seeded 0): `n` training captions (rows
+    `picks`), each to be told apart from 99 random other labels of the vocabulary; `own`/`others` index `vocab`."""
+    labels = sorted({r["text"] for r in train_rows})
+    picks = rng.sample(range(len(train_rows)), n)
+    captions = [train_rows[i]["text"] for i in picks]
+    vocab = sorted(set(captions) | set(rng.sample(labels, min(len(labels), 2000))))
+    own = torch.tensor([vocab.index(c) for c in captions])
+    others = torch.stack([torch.tensor(rng.sample([j for j in range(len(vocab)) if j != k], 99)) for k in own])
+    return picks, captions, vocab, own, others
+
+
 def image_features(evaluator, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([evaluator.encode_image(b) for b in images.split(256)])
 
@@ -133,12 +146,7 @@ def main() -> None:
 
     # 2. R-precision@1 among 100 candidates, real vs generated
     rng = random.Random(0)
-    labels = sorted({r["text"] for r in train_rows})
-    picks = rng.sample(range(len(train_rows)), args.captions)
-    captions = [train_rows[i]["text"] for i in picks]
-    vocab = sorted(set(captions) | set(rng.sample(labels, min(len(labels), 2000))))
-    own = torch.tensor([vocab.index(c) for c in captions])
-    others = torch.stack([torch.tensor(rng.sample([j for j in range(len(vocab)) if j != k], 99)) for k in own])
+    picks, captions, vocab, own, others = r_precision_setup(rng, train_rows, args.captions)
     if "rprecision" in parts:
         text = text_features(evaluator, eval_tokenizer, vocab)
         real = image_features(evaluator, train_images[picks])

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from eval_default_model import generate, image_features, load_split, text_features
+from eval_default_model import generate, image_features, load_split, r_precision_setup, text_features
 from safetensors.torch import load_file
 
 from ldm_app import LdmPipeline
@@ -64,13 +64,7 @@ def main() -> None:
     train_images, train_rows = load_split(args.data.expanduser(), "train")
 
     # The R-precision setup of eval_default_model.py: N training captions, each against 99 random other labels
-    rng = random.Random(0)
-    labels = sorted({r["text"] for r in train_rows})
-    picks = rng.sample(range(len(train_rows)), args.captions)
-    captions = [train_rows[i]["text"] for i in picks]
-    vocab = sorted(set(captions) | set(rng.sample(labels, min(len(labels), 2000))))
-    own = torch.tensor([vocab.index(c) for c in captions])
-    others = torch.stack([torch.tensor(rng.sample([j for j in range(len(vocab)) if j != k], 99)) for k in own])
+    picks, captions, vocab, own, others = r_precision_setup(random.Random(0), train_rows, args.captions)
     text = text_features(evaluator, eval_tokenizer, vocab)
     reference = image_features(evaluator, train_images)
     real = image_features(evaluator, train_images[picks])
