@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import PIL.Image
+import PIL.ImageDraw
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,3 +17,13 @@ def model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
     tiny_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def image() -> PIL.Image.Image:
+    """A 32×32 picture with shapes and colours for image-to-image, inpainting and the diffusers contract."""
+    image = PIL.Image.new("RGB", (32, 32), (250, 240, 200))
+    draw = PIL.ImageDraw.Draw(image)
+    draw.ellipse((6, 6, 26, 26), fill=(220, 40, 40))
+    draw.rectangle((0, 24, 31, 31), fill=(40, 60, 220))
+    return image

@@ -22,15 +22,6 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def image() -> PIL.Image.Image:
-    image = PIL.Image.new("RGB", (32, 32), (250, 240, 200))
-    draw = PIL.ImageDraw.Draw(image)
-    draw.ellipse((6, 6, 26, 26), fill=(220, 40, 40))
-    draw.rectangle((0, 24, 31, 31), fill=(40, 60, 220))
-    return image
-
-
-@pytest.fixture(scope="module")
 def mask() -> PIL.Image.Image:
     """White (repaint) in the upper middle; 13×11 pixels, so not aligned to the VAE's 4-pixel grid."""
     mask = PIL.Image.new("L", (32, 32), 0)
