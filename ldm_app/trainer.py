@@ -76,7 +76,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
     config = dataclasses.replace(config, train=dataclasses.replace(
         config.train, mixed_precision=accelerator.mixed_precision,
         distributed_type=check_distributed(accelerator, config.train.distributed_type)))
-    accelerator.print(f"Training with {describe(accelerator)}, mixed precision {accelerator.mixed_precision}")
+    if progress:  # a note, as the progress bars are
+        accelerator.print(f"Training with {describe(accelerator)}, mixed precision {accelerator.mixed_precision}")
     t, obj, train_text = config.train, config.objective, config.lora.train_text_encoder
     rank, world = accelerator.process_index, accelerator.num_processes
     with hold_run_folder(out, accelerator):  # one trainer per run folder; a full disk is one line
