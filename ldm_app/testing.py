@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -156,6 +158,17 @@ def write_tiny_run_inputs(folder: str | Path) -> Path:
     tiny_pipeline().save_pretrained(folder / "model")
     write_toy_dataset(folder / "data")
     return folder
+
+
+def hand_made_png(width: int, height: int, text: dict[str, bytes]) -> bytes:
+    """A PNG written byte by byte: IHDR declaring width × height (any, a decompression bomb too), tEXt chunks as
+    given (any bytes), no pixel data worth the name — what a hostile client can send."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    body += b"".join(chunk(b"tEXt", key.encode() + b"\0" + value) for key, value in text.items())
+    return b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,7 @@
 """Hostile files handed to `ldm-app generate --from` and to the loaders: each is one `error:` line, fast."""
 
 import json
-import struct
 import time
-import zlib
 
 import pytest
 import torch
@@ -12,15 +10,7 @@ from safetensors.torch import save_file
 
 from ldm_app.cli import app
 from ldm_app.png_metadata import MAX_INFOTEXT_CHARS, infotext_fields, split_infotext
-
-
-def png(width: int, height: int, text: dict[str, bytes]) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    body = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    body += b"".join(chunk(b"tEXt", key.encode() + b"\0" + value) for key, value in text.items())
-    return b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+from ldm_app.testing import hand_made_png as png
 
 
 VALID = {"prompt": "a cat", "negative_prompt": "", "steps": 2, "guidance": 5.0, "eta": 0.0, "sampler": "ddim",

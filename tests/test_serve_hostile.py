@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import pytest
 
@@ -19,7 +18,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from ldm_app.serve.process import start_server, stop_server  # noqa: E402
-from ldm_app.testing import tiny_pipeline  # noqa: E402
+from ldm_app.testing import hand_made_png as png, tiny_pipeline  # noqa: E402
 
 KEY = "clé-ключ-for-tests-0123"  # non-ASCII, and not Latin-1: clients must send it as UTF-8 bytes
 AUTH = {"Authorization": b"Bearer " + KEY.encode("utf-8")}
@@ -69,16 +68,6 @@ def closed_by_server(sock: socket.socket, within: float) -> bytes | None:
     except ConnectionResetError:
         pass
     return received
-
-
-def png(width: int, height: int, text: dict[str, bytes]) -> bytes:
-    """A PNG by hand: IHDR declaring width × height, tEXt chunks, no pixel data worth the name."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    body = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    body += b"".join(chunk(b"tEXt", key.encode() + b"\0" + value) for key, value in text.items())
-    return b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 # ----------------------------------------------------------------------------------------------------------------
