@@ -19,6 +19,14 @@ def model(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A tiny random model and toy data for training runs (`configs/tiny.yaml`), fresh for each test module."""
+    from ldm_app.testing import write_tiny_run_inputs
+
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture
 def image() -> PIL.Image.Image:
     """A 32×32 picture with shapes and colours for image-to-image, inpainting and the diffusers contract."""

@@ -25,17 +25,12 @@ from ldm_app.data import load_image_dataset
 from ldm_app.encoders import Encoders
 from ldm_app.objective import noise_scheduler
 from ldm_app.pipeline import DEFAULT_MODEL_DIR
-from ldm_app.testing import tiny_components, tiny_pipeline, write_tiny_run_inputs
+from ldm_app.testing import tiny_components, tiny_pipeline
 from ldm_app.trainer import train
 from ldm_app.unet import LdmUNet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    return write_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
 
 
 def lcm_config(inputs: Path, out: Path, *overrides: str):

@@ -16,16 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from ldm_app.config import load_config
-from ldm_app.testing import write_tiny_run_inputs
 from ldm_app.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    return write_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
 
 
 def overrides(inputs: Path, out: Path, *extra: str) -> list[str]:

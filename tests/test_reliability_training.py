@@ -24,17 +24,11 @@ from safetensors.torch import load_file
 from ldm_app import checkpoints as ckpt_module
 from ldm_app.checkpoints import LOCK, TrainingError, hold_run_folder
 from ldm_app.config import Config, TrainConfig, load_config
-from ldm_app.testing import write_tiny_run_inputs
 from ldm_app.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 WEIGHTS = "checkpoints/checkpoint-4/model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    return write_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
 
 
 def config(inputs: Path, out: Path, *overrides: str) -> Config:

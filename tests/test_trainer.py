@@ -22,16 +22,11 @@ from ldm_app.encoders import Encoders, module_fingerprint
 from ldm_app.config import Config, ObjectiveConfig, TrainConfig, load_config
 from ldm_app.data import load_image_dataset
 from ldm_app.objective import DenoisingLoss, noise_scheduler
-from ldm_app.testing import tiny_components, tiny_pipeline, write_tiny_run_inputs, write_toy_dataset
+from ldm_app.testing import tiny_components, tiny_pipeline, write_toy_dataset
 from ldm_app.trainer import TrainingError, export_pipeline, lr_schedule, train, validation_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    return write_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_config(inputs: Path, out: Path, *overrides: str):
