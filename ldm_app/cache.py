@@ -86,9 +86,12 @@ def build_encoded_dataset(ds: datasets.Dataset, cfg: DataConfig, encoders: Encod
     states = torch.cat([encoders.encode_captions(texts[i:i + 256])
                         for i in tqdm(range(0, len(texts), 256), desc="Encoding captions", disable=not progress)])
     counts = torch.tensor([0] + [len(c) for c in per_example])
+    # contiguous, as the cache reads back from disk: a layout (the VAE's channels_last) changes how convolutions
+    # round, so a run resumed from the saved cache would drift from one that built it in the last bit
     return EncodedDataset(
-        mean=torch.cat(means), std=torch.cat(stds),
-        flipped_mean=torch.cat(fmeans) if fmeans else None, flipped_std=torch.cat(fstds) if fstds else None,
+        mean=torch.cat(means).contiguous(), std=torch.cat(stds).contiguous(),
+        flipped_mean=torch.cat(fmeans).contiguous() if fmeans else None,
+        flipped_std=torch.cat(fstds).contiguous() if fstds else None,
         caption_offsets=counts.cumsum(0), caption_index=torch.tensor([i for c in per_example for i in c]),
         caption_main=torch.tensor(mains),
         text_states=states, caption_ids=encoders.tokenize(texts), skipped=len(skipped))

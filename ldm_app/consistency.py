@@ -101,14 +101,28 @@ def add_guidance_input(unet: torch.nn.Module, dim: int) -> None:
     unet.register_to_config(time_cond_proj_dim=dim)
 
 
-def use_lcm_student(pipe: DiffusionPipeline) -> bool:
-    """Swap in the distilled UNet that `pipe`'s folder carries in `unet_lcm/` (the default model does), in the
-    pipeline's dtype and on its device, with `LCMScheduler` over the same noise schedule; False when it has none."""
-    folder = Path(pipe.name_or_path or "") / LCM_STUDENT
-    if not (folder / "config.json").is_file():
+def lcm_student(pipe: DiffusionPipeline) -> torch.nn.Module | None:
+    """The distilled UNet that `pipe`'s folder carries in `unet_lcm/` (the default model does), loaded once, in
+    the dtype and on the device of the pipeline's own UNet; None when the folder has none."""
+    if "_ldm_lcm_student" not in pipe.__dict__:
+        folder = Path(pipe.name_or_path or "") / LCM_STUDENT
+        base = pipe.__dict__.get("_ldm_base_unet", pipe.unet)
+        pipe._ldm_lcm_student = (type(base).from_pretrained(folder, torch_dtype=base.dtype).to(base.device).eval()
+                                 if (folder / "config.json").is_file() else None)
+    return pipe._ldm_lcm_student
+
+
+def use_lcm_student(pipe: DiffusionPipeline, on: bool = True) -> bool:
+    """Make the model's distilled UNet `pipe.unet`, with `LCMScheduler` (on), or give the pipeline its own UNet
+    back (off; its scheduler is left to the caller). Returns whether the student is in use."""
+    student = lcm_student(pipe) if on else None
+    if student is None:
+        if "_ldm_base_unet" in pipe.__dict__:
+            pipe.unet = pipe._ldm_base_unet
         return False
-    unet_class = type(pipe.unet)
-    pipe.unet = unet_class.from_pretrained(folder, torch_dtype=pipe.unet.dtype).to(pipe.device)
+    if pipe.unet is not student:
+        pipe._ldm_base_unet = pipe.unet
+        pipe.unet = student
     if not isinstance(pipe.scheduler, LCMScheduler):
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     return True

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 import torch
 
+from .consistency import use_lcm_student
 from .lora_tags import split_lora_spec
 from .request import GenerationRequest
 from .samplers import make_scheduler
@@ -45,7 +46,7 @@ def generate_images(pipe: LdmPipeline, requests: Sequence[GenerationRequest], ba
     done = 0
     for group, chunks in plans:
         first = requests[group[0]]
-        use_sampler(pipe, first.sampler)
+        use_sampler(pipe, first.sampler, first.loras)
         if adapters:
             activate_loras(pipe, first.loras, adapters)
         steps = _denoising_steps(first)
@@ -101,15 +102,19 @@ def _progress(on_step: ProgressHook, done: int, total: int) -> Callable[..., dic
     return callback
 
 
-def use_sampler(pipe: LdmPipeline, name: str | None) -> None:
+def use_sampler(pipe: LdmPipeline, name: str | None, loras: Sequence[str] = ()) -> None:
     """Make the named sampler the pipeline's scheduler, over the noise schedule the pipeline was loaded with (the
-    first scheduler's config is kept, so switching back and forth never drifts); None keeps the current one."""
-    if name is None or getattr(pipe.scheduler, "ldm_sampler", None) == name:
+    first scheduler's config is kept, so switching back and forth never drifts); None keeps the current one.
+    `lcm` without LoRAs also swaps in the model's distilled UNet where its folder ships one (the default model
+    does); with LoRAs (an LCM-LoRA, say) they apply to the model's own UNet."""
+    if name is None:
         return
-    base = getattr(pipe.scheduler, "ldm_base_config", None) or dict(pipe.scheduler.config)
-    scheduler = make_scheduler(name, base)
-    scheduler.ldm_sampler, scheduler.ldm_base_config = name, base
-    pipe.scheduler = scheduler
+    if getattr(pipe.scheduler, "ldm_sampler", None) != name:
+        base = getattr(pipe.scheduler, "ldm_base_config", None) or dict(pipe.scheduler.config)
+        scheduler = make_scheduler(name, base)
+        scheduler.ldm_sampler, scheduler.ldm_base_config = name, base
+        pipe.scheduler = scheduler
+    use_lcm_student(pipe, name == "lcm" and not loras)
 
 
 def activate_loras(pipe: LdmPipeline, loras: Sequence[str], adapters: Mapping[str, str]) -> None:

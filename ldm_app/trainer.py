@@ -101,6 +101,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
             unet.enable_gradient_checkpointing()
         if t.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
+            if teacher is not None:
+                teacher = teacher.to(memory_format=torch.channels_last)
         require_free_space(out, [unet], [] if config.lora.rank else [unet, encoders.vae, encoders.text_encoder])
 
         # 3. The batch source: the encoded cache, encoding every step, or a stream

@@ -139,7 +139,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
     """Generate images for PROMPT and print the paths written (or, with --prompts, a data set)."""
     if prompts_source is not None:
         return run_batch(locals(), prompts_source, prompt_column, split, engine, push_to_hub)
-    from ..consistency import use_lcm_student
+    from ..consistency import lcm_student
     from ..generation import generate_images
     from ..images import file_sha256
     from ..loading import dtype_name, load_loras, load_pipeline, model_record, pick_device, pick_dtype
@@ -191,7 +191,7 @@ def generate(prompt: str | None, model: str, variant: str | None, negative_promp
         weights_dtype = pick_dtype(dtype, dev)
         pipe = load_pipeline(model, dev, weights_dtype, variant)
         pipe.set_progress_bar_config(disable=quiet, leave=False)
-        if sampler == "lcm" and use_lcm_student(pipe):
+        if sampler == "lcm" and not loras and lcm_student(pipe) is not None:
             note("note: using the model's distilled LCM UNet (unet_lcm/)")
         elif sampler == "lcm" and not loras:
             note("warning: --sampler lcm needs a consistency-distilled model (ldm-app distill) or an LCM-LoRA "
