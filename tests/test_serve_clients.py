@@ -10,9 +10,11 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 
+from ldm_app.consistency import LCM_STUDENT  # noqa: E402
 from ldm_app.serve.process import start_server, stop_server  # noqa: E402
 from ldm_app.testing import tiny_pipeline  # noqa: E402
 
@@ -21,6 +23,7 @@ from ldm_app.testing import tiny_pipeline  # noqa: E402
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     tiny_pipeline().save_pretrained(folder / "model")
+    tiny_pipeline(seed=1).unet.save_pretrained(folder / "model" / LCM_STUDENT)  # a distilled UNet for "LCM"
     proc, url = start_server(["--model", str(folder / "model"), "--device", "cpu", "--no-ui",
                               "--api-key", "test-key-1234567"], log_path=str(folder / "server.log"))
     try:
@@ -45,6 +48,23 @@ def test_webuiapi_txt2img_and_png_info(server):
     assert info.info.startswith("a red cat") and info.parameters["Seed"] == "11"
     with pytest.raises(RuntimeError, match="422"):
         api.txt2img(prompt="x", sampler_name="No Such Sampler", width=32, height=32)
+
+
+def test_webuiapi_lcm_draws_with_the_models_distilled_unet(server):
+    webuiapi = pytest.importorskip("webuiapi")
+    from diffusers import LCMScheduler
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=int(server.rsplit(":", 1)[1]))
+    api.session.headers["Authorization"] = "Bearer test-key-1234567"
+    result = api.txt2img(prompt="a red cat", seed=3, sampler_name="LCM", steps=4, cfg_scale=1, width=32, height=32)
+    assert result.info["sampler_name"] == "LCM"
+    expected = tiny_pipeline()
+    expected.unet, expected.scheduler = tiny_pipeline(seed=1).unet, LCMScheduler.from_config(expected.scheduler.config)
+    image = expected("a red cat", num_inference_steps=4, guidance_scale=1.0,
+                     generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(image, dtype=int)).max() <= 1
+    ddim = api.txt2img(prompt="a red cat", seed=3, sampler_name="DDIM", steps=4, cfg_scale=1, width=32, height=32)
+    assert np.abs(np.asarray(ddim.image, dtype=int) - np.asarray(image, dtype=int)).max() > 1  # its own UNet again
 
 
 def test_openai_client_generations_and_edits(server):
