@@ -6,7 +6,9 @@ p50/p95 latency and errors. The baseline is the same requests made by one `LdmPi
 per image in sequence; ratio = serving throughput / library throughput. Server and library get the same number
 of threads and never run at the same time.
 
-    python benchmarks/serve_load.py [--seconds 20] [--clients 1,4,16] [--steps 25] [--threads 1]
+    python benchmarks/serve_load.py [--seconds 20] [--clients 1,4,16] [--sampler ddim|lcm] [--threads 1]
+
+With `--sampler lcm` both sides draw with the default model's distilled UNet: 4 steps, guidance 1 (its defaults).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 
+A1111_NAMES = {"ddim": "DDIM", "lcm": "LCM"}
 PROMPTS = ["a cat", "red heart", "pizza", "rocket", "sun", "dog face", "star", "fire", "grinning face", "tree"]
 
 
@@ -27,12 +30,14 @@ def load_library(args: argparse.Namespace):  # noqa: ANN201
     """The default model loaded as the server loads it, warmed up (first calls allocate; the server gets the same)."""
     import torch
 
+    from ldm_app.generation import use_sampler
     from ldm_app.serve.engine import Engine
 
     torch.set_num_threads(args.threads)
     pipe = Engine.load("default", [], None, "cpu", "fp32").pipe
+    use_sampler(pipe, args.sampler)  # lcm: the distilled UNet and LCMScheduler, as the server swaps them in
     for _ in range(2):
-        pipe(PROMPTS[0], num_inference_steps=args.steps, guidance_scale=5.0)
+        pipe(PROMPTS[0], num_inference_steps=args.steps, guidance_scale=args.guidance)
     return pipe
 
 
@@ -42,7 +47,7 @@ def library_throughput(pipe, args: argparse.Namespace) -> float:  # noqa: ANN001
 
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < args.seconds:
-        pipe(PROMPTS[count % len(PROMPTS)], num_inference_steps=args.steps, guidance_scale=5.0,
+        pipe(PROMPTS[count % len(PROMPTS)], num_inference_steps=args.steps, guidance_scale=args.guidance,
              generator=torch.Generator().manual_seed(count))
         count += 1
     return count / (time.perf_counter() - started)
@@ -52,7 +57,7 @@ def client(url: str, index: int, stop_at: float, latencies: list[float], errors:
     i = 0
     while time.perf_counter() < stop_at:
         body = json.dumps({"prompt": PROMPTS[(index + i) % len(PROMPTS)], "seed": 1000 * index + i,
-                           "steps": ARGS.steps, "cfg_scale": 5.0, "sampler_name": "DDIM"}).encode()
+                           "steps": ARGS.steps, "cfg_scale": ARGS.guidance, "sampler_name": A1111_NAMES[ARGS.sampler]}).encode()
         request = urllib.request.Request(url + "/sdapi/v1/txt2img", body, {"Content-Type": "application/json"})
         started = time.perf_counter()
         try:
@@ -97,7 +102,8 @@ def main() -> None:
         stop_server(proc)
     after = library_throughput(pipe, ARGS)  # again: on a shared machine the load changes over the run
     library = (before + after) / 2
-    print(f"\ndefault model, 64x64, {ARGS.steps} DDIM steps, CFG 5, {ARGS.threads} threads, {ARGS.seconds:.0f} s "
+    print(f"\ndefault model, 64x64, {ARGS.steps} {ARGS.sampler} steps, CFG {ARGS.guidance:g}, {ARGS.threads} threads, "
+          f"{ARGS.seconds:.0f} s "
           f"per row, --max-batch {ARGS.max_batch}")
     print(f"library (one LdmPipeline call per image, in sequence): {library:.2f} images/s "
           f"(mean of {before:.2f} before and {after:.2f} after the server rows)\n")
@@ -112,9 +118,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="Duration of each load level.")
     parser.add_argument("--clients", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--sampler", choices=sorted(A1111_NAMES), default="ddim")
+    parser.add_argument("--steps", type=int, help="default: the sampler's (ddim 25, lcm 4)")
+    parser.add_argument("--guidance", type=float, help="default: the sampler's (ddim 5, lcm 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the library and the server (more "
                         "than the idle cores makes OpenMP spin: 30x slower on a busy machine)")
     parser.add_argument("--max-batch", type=int, default=16)
     ARGS = parser.parse_args()
+    ARGS.steps = ARGS.steps or (4 if ARGS.sampler == "lcm" else 25)
+    ARGS.guidance = ARGS.guidance if ARGS.guidance is not None else (1.0 if ARGS.sampler == "lcm" else 5.0)
     main()

@@ -136,6 +136,8 @@ def train(config: Config, setup_unet: Callable[[UNet], None] | None = None, prog
         # 5. Resume from the last complete checkpoint
         ckpt_dir = out / CHECKPOINTS
         step = resume(accelerator, ckpt_dir, lr_scheduler, ema)
+        if step:
+            use_configured_learning_rate(lr_scheduler, t.learning_rate, accelerator)
         if ema is not None:  # after load_state: it loads the EMA weights onto the CPU
             ema.to(accelerator.device)
         if accelerator.is_main_process:
@@ -251,6 +253,21 @@ def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig) -> LambdaLR:
     if name == "constant" and t.warmup_steps > 0:  # diffusers' "constant" silently drops num_warmup_steps
         name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+
+
+def use_configured_learning_rate(lr_scheduler: LambdaLR, learning_rate: float, accelerator: Accelerator) -> None:
+    """After a resume: `train.learning_rate` as given now, not as the checkpoint had it, from the next step on (the
+    schedule's shape and position are kept), so a run can go on with a lower rate (e.g. a distillation's last,
+    quieter phase: lower rate, larger batch). Unchanged, nothing moves and the resume stays bit-identical."""
+    if all(base == learning_rate for base in lr_scheduler.base_lrs):
+        return
+    accelerator.print(f"note: train.learning_rate={learning_rate:g} replaces the checkpoint's "
+                      f"{lr_scheduler.base_lrs[0]:g} from here on")
+    lr_scheduler.base_lrs = [learning_rate] * len(lr_scheduler.base_lrs)
+    groups = lr_scheduler.optimizer.param_groups
+    for group, factor in zip(groups, lr_scheduler.lr_lambdas):
+        group["lr"] = learning_rate * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def with_ema(models: list[torch.nn.Module], ema: EMAModel | None) -> list[torch.nn.Module]:

@@ -136,6 +136,21 @@ def test_time_budget_stops_a_run_that_the_next_call_continues_keeping_the_newest
         assert step == expected_step
 
 
+def test_a_resumed_run_takes_the_learning_rate_it_is_given_now(inputs, tmp_path):
+    common = ["train.lr_scheduler=constant", "train.warmup_steps=0", "train.checkpoint_every=1",
+              "train.keep_checkpoints=0"]
+    train(tiny_config(inputs, tmp_path / "a", "train.max_steps=3", *common))  # 1e-3 throughout
+    train(tiny_config(inputs, tmp_path / "b", "train.max_steps=2", *common))
+    train(tiny_config(inputs, tmp_path / "b", "train.max_steps=3", "train.learning_rate=2.5e-4", *common))
+    a, b = ({step: load_file(tmp_path / run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+             for step in (2, 3)} for run in "ab")
+    for k in a[2]:  # the same weights and Adam moments at step 2; AdamW's step 3 (and its decay) scale with the rate
+        assert torch.equal(a[2][k], b[2][k])
+        torch.testing.assert_close(b[3][k] - b[2][k], 0.25 * (a[3][k] - a[2][k]), rtol=1e-3, atol=1e-6)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["lr_scheduler"]["base_lrs"] == [2.5e-4]
+
+
 def test_resume_moves_the_loaded_ema_to_the_device(inputs, tmp_path, monkeypatch):
     # accelerate's load_state loads the EMA weights with map_location="cpu": on a GPU they must move afterwards
     train(tiny_config(inputs, tmp_path, "train.max_steps=1", "train.checkpoint_every=1"))
