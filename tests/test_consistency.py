@@ -109,19 +109,25 @@ def fixed_consistency_loss(unet: torch.nn.Module, config, inputs: Path) -> float
                                     progress=False)
     batch = CachedBatches(encoded, 0, config.data)(0, 32, 0, 1)
     empty = te(tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[0]
-    teacher = frozen_copy(LdmPipeline.from_pretrained(inputs / "model").unet)
+    teacher = frozen_copy(LdmPipeline.from_pretrained(config.model.pretrained_unet).unet)
     loss = ConsistencyLoss(noise_scheduler(config.objective), config.distill, teacher, None, None, empty.detach(),
                            vae.config.scaling_factor)
     with torch.no_grad():
         return loss(unet.eval(), batch, seeded_generator(123)).item()
 
 
-def test_a_few_distillation_steps_lower_the_consistency_loss(inputs, tmp_path):
-    config = lcm_config(inputs, tmp_path, "train.max_steps=40", "train.checkpoint_every=40", "distill.loss=l2",
-                        "train.learning_rate=1e-3")
-    before = fixed_consistency_loss(LdmPipeline.from_pretrained(inputs / "model").unet, config, inputs)
+@pytest.mark.parametrize("unet_kind", ["ldm", "diffusers"])
+def test_a_few_distillation_steps_lower_the_consistency_loss(inputs, tmp_path, unet_kind):
+    teacher = inputs / "model"
+    if unet_kind == "diffusers":  # a tiny SD-1.x UNet (UNet2DConditionModel) as teacher and student
+        teacher = tmp_path / "sd-model"
+        tiny_pipeline("diffusers").save_pretrained(teacher)
+    config = lcm_config(inputs, tmp_path / "run", "train.max_steps=40", "train.checkpoint_every=40",
+                        "distill.loss=l2", "train.learning_rate=1e-3", f"model.pretrained_unet={teacher}")
+    before = fixed_consistency_loss(LdmPipeline.from_pretrained(teacher).unet, config, inputs)
     pipeline = train(config)
     student = LdmPipeline.from_pretrained(pipeline)
+    assert type(student.unet).__name__ == ("LdmUNet" if unet_kind == "ldm" else "UNet2DConditionModel")
     after = fixed_consistency_loss(student.unet, config, inputs)
     assert after < 0.8 * before, (before, after)
     assert isinstance(student.scheduler, LCMScheduler)  # the export samples as an LCM
