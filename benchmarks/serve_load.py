@@ -56,8 +56,8 @@ def library_throughput(pipe, args: argparse.Namespace) -> float:  # noqa: ANN001
 def client(url: str, index: int, stop_at: float, latencies: list[float], errors: list[str]) -> None:
     i = 0
     while time.perf_counter() < stop_at:
-        body = json.dumps({"prompt": PROMPTS[(index + i) % len(PROMPTS)], "seed": 1000 * index + i,
-                           "steps": ARGS.steps, "cfg_scale": ARGS.guidance, "sampler_name": A1111_NAMES[ARGS.sampler]}).encode()
+        body = json.dumps({"prompt": PROMPTS[(index + i) % len(PROMPTS)], "seed": 1000 * index + i, "steps": ARGS.steps,
+                           "cfg_scale": ARGS.guidance, "sampler_name": A1111_NAMES[ARGS.sampler]}).encode()
         request = urllib.request.Request(url + "/sdapi/v1/txt2img", body, {"Content-Type": "application/json"})
         started = time.perf_counter()
         try:
@@ -103,8 +103,7 @@ def main() -> None:
     after = library_throughput(pipe, ARGS)  # again: on a shared machine the load changes over the run
     library = (before + after) / 2
     print(f"\ndefault model, 64x64, {ARGS.steps} {ARGS.sampler} steps, CFG {ARGS.guidance:g}, {ARGS.threads} threads, "
-          f"{ARGS.seconds:.0f} s "
-          f"per row, --max-batch {ARGS.max_batch}")
+          f"{ARGS.seconds:.0f} s per row, --max-batch {ARGS.max_batch}")
     print(f"library (one LdmPipeline call per image, in sequence): {library:.2f} images/s "
           f"(mean of {before:.2f} before and {after:.2f} after the server rows)\n")
     print("| clients | images/s | p50 latency (s) | p95 latency (s) | errors | ratio to library |")
@@ -119,12 +118,13 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0, help="Duration of each load level.")
     parser.add_argument("--clients", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--sampler", choices=sorted(A1111_NAMES), default="ddim")
-    parser.add_argument("--steps", type=int, help="default: the sampler's (ddim 25, lcm 4)")
-    parser.add_argument("--guidance", type=float, help="default: the sampler's (ddim 5, lcm 1)")
+    parser.add_argument("--steps", type=int, help="default: the sampler's (25; lcm 4)")
+    parser.add_argument("--guidance", type=float, help="default: the sampler's (5; lcm 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the library and the server (more "
                         "than the idle cores makes OpenMP spin: 30x slower on a busy machine)")
     parser.add_argument("--max-batch", type=int, default=16)
     ARGS = parser.parse_args()
-    ARGS.steps = ARGS.steps or (4 if ARGS.sampler == "lcm" else 25)
-    ARGS.guidance = ARGS.guidance if ARGS.guidance is not None else (1.0 if ARGS.sampler == "lcm" else 5.0)
+    from ldm_app.samplers import sampler_defaults
+
+    ARGS.steps, ARGS.guidance = sampler_defaults(ARGS.sampler, ARGS.steps, ARGS.guidance)
     main()
