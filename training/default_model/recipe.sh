@@ -20,9 +20,10 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
     training/train_ldm.py --config configs/emoji64.yaml train.max_minutes="${UNET_MINUTES:-90}"
 python $HERE/assemble.py --pipeline $RUNS/unet/pipeline --out ldm_app/default_model
 python benchmarks/eval_default_model.py --data $RUNS/data/emoji64 --json $RUNS/eval.json
-# LCM student of the shipped model (4-step sampling, `--sampler lcm`), in three phases of one run: 3000 steps of
-# batch 16 at lr 1e-4, then quieter ones (a resume takes the learning rate it is given). LCM_MINUTES bounds each
-# invocation; a phase cut short continues on the next run of this script, and the student ships after the last.
+# LCM student of the shipped model (4-step sampling, `--sampler lcm`), in phases of one run: 3000 steps of batch 16
+# at lr 1e-4 with the teacher's CFG drawn from [4, 6], then quieter ones (a resume takes the learning rate and batch
+# size it is given), the last three with the CFG fixed at 5. LCM_MINUTES bounds each invocation; a phase cut short
+# continues on the next run of this script, and the student ships after the last.
 lcm_step() { python -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" \
     $RUNS/lcm-default/pipeline/training_step.json 2>/dev/null || echo 0; }
 lcm_phase() {  # train the student to step $1 with the overrides that follow
@@ -37,6 +38,11 @@ lcm_phase() {  # train the student to step $1 with the overrides that follow
     lcm_phase 3000
     lcm_phase 4200 train.batch_size=32 train.learning_rate=3e-5
     lcm_phase 5400 train.batch_size=64 train.learning_rate=1.5e-5
+    lcm_phase 5924 train.batch_size=128 train.learning_rate=7.5e-6
+    cfg5=(distill.guidance_min=5 distill.guidance_max=5)
+    lcm_phase 6524 "${cfg5[@]}" train.batch_size=32 train.learning_rate=3e-5
+    lcm_phase 7124 "${cfg5[@]}" train.batch_size=64 train.learning_rate=1.5e-5
+    lcm_phase 8819 "${cfg5[@]}" train.batch_size=128 train.learning_rate=7.5e-6
     python $HERE/ship_lcm.py --pipeline $RUNS/lcm-default/pipeline --out ldm_app/default_model
     python benchmarks/lcm_quality.py --data $RUNS/data/emoji64 --json $RUNS/lcm-quality.json
 }
