@@ -1,5 +1,6 @@
 """The embedded default model: loads offline, draws what it is asked for, and `ldm-app generate "a cat"` works."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +30,13 @@ def test_default_model_is_fp16_safetensors_under_48_mb():
             assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F16"}, path
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
     assert (DEFAULT_MODEL_DIR / "NOTICE").is_file()
+
+
+def test_shipped_configs_name_no_path_of_the_machine_that_made_them():
+    configs = [DEFAULT_MODEL_DIR / "model_index.json", *DEFAULT_MODEL_DIR.glob("*/*config.json")]
+    assert len(configs) >= 6
+    for config in configs:
+        assert "_name_or_path" not in json.loads(config.read_text()), config
 
 
 def test_default_tokenizer_is_clip_format_vocab_and_merges(tmp_path):

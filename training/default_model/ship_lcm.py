@@ -10,6 +10,7 @@ a temp folder and renamed, so a crash never leaves half a student.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ def main() -> None:
                          "the shipped UNet (configs/emoji64-lcm.yaml) first.")
     with atomic_folder(args.out / LCM_STUDENT) as tmp:
         student.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("_name_or_path", None)  # this machine's path, as assemble.py drops it
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     print(f"LCM student written to {args.out / LCM_STUDENT}")
 
 
