@@ -32,6 +32,14 @@ from ldm_app.pipeline import cast_quietly
 HERE = Path(__file__).resolve().parent
 MAX_MB = 40
 
+def drop_machine_paths(config: Path) -> None:
+    """Remove this machine's paths and load-time flags from a saved config, so the shipped one names neither."""
+    values = json.loads(config.read_text())
+    for key in ("_name_or_path", "local_files_only", "is_local"):
+        values.pop(key, None)
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
 CARD = """# ldm-app default model
 
 A small text-to-image latent diffusion model trained by the ldm-app project on openly licensed emoji art,
@@ -101,10 +109,7 @@ def main() -> None:
         pipe.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))  # the CLIP-format vocab.json + merges.txt
         configs = [tmp / "model_index.json", *tmp.glob("*/config.json"), tmp / "tokenizer" / "tokenizer_config.json"]
         for config in configs:
-            values = json.loads(config.read_text())
-            for key in ("_name_or_path", "local_files_only", "is_local"):  # this machine's paths and load-time flags
-                values.pop(key, None)
-            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+            drop_machine_paths(config)
         (tmp / "README.md").write_text(CARD.format(
             vae=count(pipe.vae), text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), unet=count(pipe.unet),
             step=step, notice=(HERE / "NOTICE").read_text().strip()))

@@ -10,10 +10,10 @@ a temp folder and renamed, so a crash never leaves half a student.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+from assemble import drop_machine_paths
 
 from ldm_app.atomic import atomic_folder
 from ldm_app.consistency import LCM_STUDENT
@@ -33,9 +33,7 @@ def main() -> None:
                          "the shipped UNet (configs/emoji64-lcm.yaml) first.")
     with atomic_folder(args.out / LCM_STUDENT) as tmp:
         student.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("_name_or_path", None)  # this machine's path, as assemble.py drops it
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        drop_machine_paths(tmp / "config.json")
     print(f"LCM student written to {args.out / LCM_STUDENT}")
 
 
