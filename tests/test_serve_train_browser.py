@@ -94,7 +94,8 @@ def test_train_a_lora_in_the_browser_and_generate_with_it(browser, server, tmp_p
 
     # generate with it: the new LoRA in the picker (which the server started without: it had no LoRA)
     click_tab(browser, "Text to image")
-    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("a red heart")
+    # the tab's panel renders after the click: wait for the field rather than look for it at once
+    wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#prompt textarea"))).send_keys("a red heart")
     picker = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#lora-picker input")))
     picker.click()
     picker.send_keys("browser-lora", Keys.ENTER)
