@@ -70,7 +70,7 @@ def set_number(browser, selector: str, value: str) -> None:
 def test_train_a_lora_in_the_browser_and_generate_with_it(browser, server, tmp_path):
     photos = write_toy_dataset(tmp_path / "photos", n=4, size=32, layout="metadata")
     browser.get(server + "/")
-    wait = WebDriverWait(browser, 120)
+    wait = WebDriverWait(browser, 120, ignored_exceptions=[StaleElementReferenceException])  # gradio re-renders
     click_tab(browser, "Train LoRA")
     upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#train-photos input[type=file]")))
     upload.send_keys("\n".join(str(p) for p in sorted(photos.glob("*.png"))))
@@ -85,7 +85,7 @@ def test_train_a_lora_in_the_browser_and_generate_with_it(browser, server, tmp_p
 
     status = lambda d: d.find_element(By.ID, "train-status").text  # noqa: E731
     wait.until(lambda d: re.search(r"running · step [1-9]\d*/60 · loss", status(d)))  # the steps go by
-    WebDriverWait(browser, 240).until(lambda d: "done" in status(d) or "failed" in status(d))
+    WebDriverWait(browser, 240, ignored_exceptions=[StaleElementReferenceException]).until(lambda d: "done" in status(d) or "failed" in status(d))
     assert "done · step 60/60" in status(browser), status(browser)
     assert "<lora:browser-lora:1>" in status(browser)
     assert "pytorch_lora_weights.safetensors" in browser.find_element(By.ID, "train-files").text
