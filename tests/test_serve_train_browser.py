@@ -85,7 +85,8 @@ def test_train_a_lora_in_the_browser_and_generate_with_it(browser, server, tmp_p
 
     status = lambda d: d.find_element(By.ID, "train-status").text  # noqa: E731
     wait.until(lambda d: re.search(r"running · step [1-9]\d*/60 · loss", status(d)))  # the steps go by
-    WebDriverWait(browser, 240, ignored_exceptions=[StaleElementReferenceException]).until(lambda d: "done" in status(d) or "failed" in status(d))
+    finished = lambda d: "done" in status(d) or "failed" in status(d)  # noqa: E731
+    WebDriverWait(browser, 240, ignored_exceptions=[StaleElementReferenceException]).until(finished)
     assert "done · step 60/60" in status(browser), status(browser)
     assert "<lora:browser-lora:1>" in status(browser)
     assert "pytorch_lora_weights.safetensors" in browser.find_element(By.ID, "train-files").text

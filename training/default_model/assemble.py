@@ -32,14 +32,6 @@ from ldm_app.pipeline import cast_quietly
 HERE = Path(__file__).resolve().parent
 MAX_MB = 40
 
-def drop_machine_paths(config: Path) -> None:
-    """Remove this machine's paths and load-time flags from a saved config, so the shipped one names neither."""
-    values = json.loads(config.read_text())
-    for key in ("_name_or_path", "local_files_only", "is_local"):
-        values.pop(key, None)
-    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-
-
 CARD = """# ldm-app default model
 
 A small text-to-image latent diffusion model trained by the ldm-app project on openly licensed emoji art,
@@ -85,6 +77,14 @@ def training_step(pipeline: Path, allow_unfinished: bool) -> int | str:
         raise SystemExit(f"{pipeline} holds step {step} of its run's {max_steps}: re-run the training command to "
                          "finish it (or pass --allow-unfinished)")
     return step
+
+
+def drop_machine_paths(config: Path) -> None:
+    """Remove this machine's paths and load-time flags from a saved config, so the shipped one names neither."""
+    values = json.loads(config.read_text())
+    for key in ("_name_or_path", "local_files_only", "is_local"):
+        values.pop(key, None)
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def count(module: torch.nn.Module) -> str:
